@@ -1,0 +1,123 @@
+"""The ingress deployment: FastAPI routes for the OpenAI paths, routed to family deployments."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments import text_api
+from deployments.http import APIKeyMiddleware, error_response
+from mlx_orchard.config import IngressOptions
+from mlx_orchard.engines.sampling import SamplingParams
+from mlx_orchard.errors import InvalidRequestError, ModelNotFoundError, OrchardError
+from mlx_orchard.protocol.chat import ChatCompletionRequest
+from mlx_orchard.protocol.common import ModelCard, ModelList
+from mlx_orchard.protocol.completions import CompletionRequest
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    """Where requests for one model name go."""
+
+    name: str  # the canonical name (aliases point at the same route)
+    family: str  # "llm", "embeddings", ...
+    deployment: str  # key into the ingress's handles
+    sampling: SamplingParams | None = None
+
+
+@serve.deployment(name="ingress", max_ongoing_requests=1000)
+@serve.ingress()
+class Ingress:
+    def __init__(
+        self,
+        routes: dict[str, ModelRoute],
+        handles: dict[str, DeploymentHandle],
+        options: IngressOptions = IngressOptions(),
+    ):
+        self.routes = routes
+        self.handles = handles
+        self.options = options
+        self.api_key = options.api_key or os.environ.get("ORCHARD_API_KEY") or None
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self)
+
+    def route(self, model: str, family: str) -> tuple[ModelRoute, DeploymentHandle]:
+        route = self.routes.get(model)
+        if route is None:
+            raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
+        if route.family != family:
+            raise InvalidRequestError(
+                f"The model `{model}` is a {route.family} model and cannot serve this endpoint.",
+                param="model",
+            )
+        return route, self.handles[route.deployment]
+
+    def model_list(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=name, family=r.family) for name, r in self.routes.items()])
+
+
+def build_api(ingress: Ingress) -> FastAPI:
+    app = FastAPI(title="Orchard", summary="OpenAI-compatible MLX models on Ray Serve", version="0.1.0")
+
+    @app.exception_handler(OrchardError)
+    async def _orchard_error(_: Request, exc: OrchardError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError):
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        body = {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": kind}
+        return JSONResponse({"error": body}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _any_error(_: Request, exc: Exception):
+        return error_response(exc)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        return ingress.model_list()
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> ModelCard:
+        for card in ingress.model_list().data:
+            if card.id == model:
+                return card
+        raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        route, handle = ingress.route(req.model, "llm")
+        return await text_api.chat_completions(req, handle, route.sampling or SamplingParams())
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        route, handle = ingress.route(req.model, "llm")
+        return await text_api.completions(req, handle, route.sampling or SamplingParams())
+
+    if ingress.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=ingress.api_key)
+    # Added last so it is outermost: preflights and error responses carry CORS headers too.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=ingress.options.cors_origins,
+        allow_methods=["*"],
+        allow_headers=["*"],
+    )
+    return app

@@ -1,0 +1,103 @@
+"""The LLM family: a thin Ray Serve deployment over ``LLMEngine`` (continuous batching)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.util import metrics
+
+from mlx_orchard.config import LLMEntry
+from mlx_orchard.engines.llm import EngineStats, GenerationChunk, LLMEngine
+from mlx_orchard.engines.sampling import SamplingParams
+from mlx_orchard.models.registry import resolve_llm
+from mlx_orchard.runtime import mlx_uses_cpu_backend
+
+
+@serve.deployment(name="llm", max_ongoing_requests=64, health_check_period_s=10)
+class LLMDeployment:
+    def __init__(self, entry: LLMEntry, engine_cls: type[LLMEngine] = LLMEngine):
+        dequantize = mlx_uses_cpu_backend() if entry.dequantize == "auto" else entry.dequantize
+        path = resolve_llm(entry.source, dequantize=dequantize, sha256=entry.sha256)
+        self.name = entry.name
+        self.engine = engine_cls(
+            path,
+            max_batch_size=entry.max_batch_size,
+            prefill_batch_size=entry.prefill_batch_size,
+            prefill_step_size=entry.prefill_step_size,
+            default_max_tokens=entry.default_max_tokens,
+        )
+        self.defaults = SamplingParams(**entry.sampling.model_dump())
+        tags = {"model": entry.name}
+        self._requests = metrics.Counter("orchard_llm_requests", "LLM requests admitted", ("model",))
+        self._tokens = metrics.Counter("orchard_llm_generated_tokens", "tokens generated", ("model",))
+        self._ttft = metrics.Histogram(
+            "orchard_llm_time_to_first_token_s",
+            "seconds from admission to the first token",
+            boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10],
+            tag_keys=("model",),
+        )
+        for m in (self._requests, self._tokens, self._ttft):
+            m.set_default_tags(tags)
+
+    def sampling_defaults(self) -> SamplingParams:
+        return self.defaults
+
+    def context_length(self) -> int:
+        return self.engine.context_length
+
+    async def generate(
+        self,
+        params: SamplingParams,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        prompt: str | list[int] | None = None,
+        stream: bool = True,
+        echo: bool = False,
+    ) -> AsyncIterator[GenerationChunk]:
+        """Yields an empty chunk once the prompt is accepted (so callers can answer 4xx
+        before committing to a 200), then text chunks; with stream=False one final chunk."""
+        if messages is not None:
+            ids = self.engine.encode_chat(messages)
+        elif isinstance(prompt, str):
+            ids = self.engine.encode(prompt)
+        else:
+            ids = list(prompt or [])
+        self.engine.check_prompt(ids, params)
+        self._requests.inc()
+        yield GenerationChunk(text="", token_ids=[], prompt_tokens=len(ids), completion_tokens=0)
+
+        prefix = (prompt if isinstance(prompt, str) else self.engine.decode(ids)) if echo else ""
+        start = time.perf_counter()
+        parts: list[str] = [prefix]
+        tokens: list[int] = []
+        first = True
+        async for chunk in self.engine.generate(ids, params):
+            if first:
+                self._ttft.observe(time.perf_counter() - start)
+                first = False
+            self._tokens.inc(len(chunk.token_ids))
+            if stream:
+                if prefix:
+                    chunk.text, prefix = prefix + chunk.text, ""
+                yield chunk
+            else:
+                parts.append(chunk.text)
+                tokens.extend(chunk.token_ids)
+                if chunk.finish_reason:
+                    chunk.text, chunk.token_ids = "".join(parts), tokens
+                    yield chunk
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def check_health(self) -> None:
+        if not self.engine.is_alive():
+            raise RuntimeError(f"the generation loop of {self.name!r} has stopped")
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()

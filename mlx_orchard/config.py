@@ -1,0 +1,116 @@
+"""The typed ``args:`` block of ``serve_config.yaml``: what ``graph.build_app`` is built from.
+
+Ray validates the YAML against ``OrchardArgs`` before anything starts, so a typo in a
+model entry fails ``serve run`` at once instead of inside a replica.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DeploymentOptions(Strict):
+    """The Ray Serve deployment options a user tunes per family (passed to ``.options``)."""
+
+    num_replicas: int | Literal["auto"] | None = None
+    max_ongoing_requests: int | None = Field(None, ge=1)
+    max_queued_requests: int | None = None
+    autoscaling_config: dict[str, Any] | None = None
+    ray_actor_options: dict[str, Any] | None = None
+    max_replicas_per_node: int | None = Field(None, ge=1)
+    placement_group_bundles: list[dict[str, float]] | None = None
+    placement_group_strategy: str | None = None
+    health_check_period_s: float | None = None
+    health_check_timeout_s: float | None = None
+    graceful_shutdown_timeout_s: float | None = None
+
+    def ray_options(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class SamplingDefaults(Strict):
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+
+class ModelEntry(Strict):
+    name: str = Field(description="the id clients send as `model`")
+    source: str = Field(
+        description="a local MLX directory, a Hugging Face repo id, a .gguf file, "
+        "or package:<python_package>/<path inside it>"
+    )
+    aliases: list[str] = []
+    sha256: str | None = Field(None, description="checked before converting a file source")
+    deployment: DeploymentOptions = DeploymentOptions()
+
+    @field_validator("name", "aliases")
+    @classmethod
+    def _valid_names(cls, v):
+        for name in [v] if isinstance(v, str) else v:
+            if not _NAME.match(name):
+                raise ValueError(f"invalid model name {name!r}")
+        return v
+
+    def all_names(self) -> list[str]:
+        return [self.name, *self.aliases]
+
+
+class LLMEntry(ModelEntry):
+    dequantize: bool | Literal["auto"] = Field(
+        "auto",
+        description="GGUF only: write float32 weights (auto: yes on MLX's CPU backend, "
+        "where fp32 decodes faster than 4-bit; no on Metal/CUDA)",
+    )
+    max_batch_size: int = Field(32, ge=1, description="sequences decoded together per step")
+    prefill_batch_size: int = Field(16, ge=1)
+    prefill_step_size: int = Field(512, ge=16, description="prompt tokens per prefill chunk")
+    default_max_tokens: int = Field(2048, ge=1)
+    sampling: SamplingDefaults = SamplingDefaults()
+
+
+class IngressOptions(Strict):
+    api_key: str | None = Field(
+        None, description="require `Authorization: Bearer <key>` on /v1/*; env ORCHARD_API_KEY also works"
+    )
+    cors_origins: list[str] = ["*"]
+    deployment: DeploymentOptions = DeploymentOptions()
+
+
+class RuntimeOptions(Strict):
+    blas: Literal["auto", "reference"] | str = Field(
+        "auto",
+        description="Linux CPU backend: auto preloads Debian's OpenBLAS into replicas when installed; "
+        "'reference' keeps the wheel's BLAS; any other value is a path to a BLAS library to preload",
+    )
+    env_vars: dict[str, str] = {}
+
+
+class OrchardArgs(Strict):
+    ingress: IngressOptions = IngressOptions()
+    runtime: RuntimeOptions = RuntimeOptions()
+    llm: list[LLMEntry] = []
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        seen: set[str] = set()
+        for entry in self.entries():
+            for name in entry.all_names():
+                if name in seen:
+                    raise ValueError(f"model name {name!r} is used twice")
+                seen.add(name)
+        return self
+
+    def entries(self) -> list[ModelEntry]:
+        return [*self.llm]

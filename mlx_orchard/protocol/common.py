@@ -1,0 +1,73 @@
+"""Shapes shared by every OpenAI surface: the lenient request base, usage, errors, models."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+logger = logging.getLogger("orchard.protocol")
+
+
+class OpenAIRequest(BaseModel):
+    """Base for request bodies: unknown fields are accepted (clients send many) and logged."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    @model_validator(mode="after")
+    def _log_unknown_fields(self):
+        if self.model_extra:
+            logger.info("ignoring unsupported fields: %s", sorted(self.model_extra))
+        return self
+
+
+class OpenAIResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+
+class Usage(OpenAIResponse):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ModelCard(OpenAIResponse):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "orchard"
+    # Orchard's own addition: which family serves this model.
+    family: str | None = None
+
+
+class ModelList(OpenAIResponse):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def stop_list(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else list(stop)
+    return tuple(s for s in items if s)
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json", exclude_none=False)

@@ -1,0 +1,60 @@
+"""Sampling fields shared by chat and text completions, and their conversion to engine arguments."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from mlx_orchard.engines.sampling import SamplingParams
+from mlx_orchard.protocol.common import OpenAIRequest, StreamOptions, stop_list
+
+
+class SamplingRequest(OpenAIRequest):
+    model: str
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = None
+    n: int = Field(1, ge=1, le=16)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    user: str | None = None
+    # Common extensions (vLLM, mlx-lm): accepted because many clients send them.
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, v):
+        if isinstance(v, list) and len(v) > 16:
+            raise ValueError("at most 16 stop sequences")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v):
+        if v and any(not -100 <= b <= 100 for b in v.values()):
+            raise ValueError("logit_bias values must be between -100 and 100")
+        return v
+
+    def requested_max_tokens(self) -> int | None:
+        raise NotImplementedError
+
+    def sampling_params(self, defaults: SamplingParams) -> SamplingParams:
+        """Engine arguments: the request's values, the model's defaults where it gives none."""
+        return SamplingParams(
+            max_tokens=self.requested_max_tokens(),
+            temperature=defaults.temperature if self.temperature is None else self.temperature,
+            top_p=defaults.top_p if self.top_p is None else self.top_p,
+            top_k=self.top_k or defaults.top_k,
+            min_p=defaults.min_p if self.min_p is None else self.min_p,
+            seed=self.seed,
+            stop=stop_list(self.stop),
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            logit_bias=tuple((self.logit_bias or {}).items()),
+        )
