@@ -105,7 +105,7 @@ class WhisperEngine:
 
     def transcribe(self, clips: list[ClipRequest]) -> list[TranscriptionResult]:
         """Transcribe (or translate) each clip; results come back in the clips' order."""
-        clips = [replace(c, language=self._check_language(c.language)) for c in clips]
+        clips = [replace(c, language=self.normalize_language(c.language)) for c in clips]
         results: list[TranscriptionResult | None] = [None] * len(clips)
         short = [i for i, c in enumerate(clips) if len(c.audio) <= N_SAMPLES]
         # A batch shares one DecodingOptions, so group by the options that shape decoding.
@@ -121,7 +121,12 @@ class WhisperEngine:
                 results[i] = self._transcribe_long(clip)
         return results  # type: ignore[return-value]
 
-    def _check_language(self, language: str | None) -> str | None:
+    def normalize_language(self, language: str | None) -> str | None:
+        """The ISO code for ``language``, or ValueError if this model cannot handle it.
+
+        ``transcribe`` raises for the whole call on a bad clip; a caller that batches
+        requests (``@serve.batch``) should check each request with this first.
+        """
         if language is None:
             return None if self.multilingual else "en"
         code = language.lower()

@@ -125,3 +125,22 @@ def test_long_clip_uses_the_sliding_window(engine, clips):
     ends = [s.end for s in result.segments]
     assert ends == sorted(ends) and ends[-1] <= result.duration + 0.02
     assert max(ends) > 30  # timestamps continue past the first window
+
+
+def test_timestamp_tokens_split_segments_and_an_open_tail_runs_to_the_end():
+    from mlx_whisper.tokenizer import get_tokenizer
+
+    from mlx_orchard.engines.whisper import _split_segments
+
+    tok = get_tokenizer(False)
+    ts = lambda seconds: tok.timestamp_begin + round(seconds / 0.02)  # noqa: E731
+    hello, world, again = tok.encode(" hello"), tok.encode(" world"), tok.encode(" again")
+    tokens = [ts(0.0), *hello, ts(1.0), ts(1.0), *world, ts(2.5), *again]
+    spans = _split_segments(tokens, tok, duration=3.2)
+    assert [(round(a, 2), round(b, 2), tok.decode([t for t in x if t < tok.eot])) for a, b, x in spans] == [
+        (0.0, 1.0, " hello"),
+        (1.0, 2.5, " world"),
+        (2.5, 3.2, " again"),
+    ]
+    # A timestamp past the clip (into the zero padding) is clamped to its end.
+    assert _split_segments([ts(0.0), *hello, ts(9.0)], tok, duration=2.0)[0][1] == 2.0
