@@ -99,7 +99,11 @@ class APIKeyMiddleware:
         self._key = api_key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/") and scope["method"] != "OPTIONS":
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):  # mounted under a route prefix
+            path = path[len(root) :]
+        if scope["type"] == "http" and path.startswith("/v1/") and scope["method"] != "OPTIONS":
             header = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):

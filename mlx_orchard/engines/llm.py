@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlx_orchard.engines.detokenize import IncrementalDetokenizer
 from mlx_orchard.engines.sampling import SamplingParams, build_logits_processors, build_sampler
 from mlx_orchard.engines.stopping import StopStringFilter
 from mlx_orchard.errors import ContextLengthExceededError, InvalidRequestError, ServiceUnavailableError
@@ -52,7 +53,7 @@ class _Sequence:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     uid: int | None = None
-    detokenizer: Any = None
+    detokenizer: IncrementalDetokenizer | None = None
     stops: StopStringFilter | None = None
     completion_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
@@ -270,7 +271,7 @@ class LLMEngine:
         )
         for uid, seq in zip(uids, seqs):
             seq.uid = uid
-            seq.detokenizer = self.tokenizer.detokenizer
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
             seq.stops = StopStringFilter(seq.params.stop)
             self._running[uid] = seq
 
@@ -282,12 +283,10 @@ class LLMEngine:
         seq.completion_tokens += 1
         seq.token_ids.append(token)
         eos = finish_reason == "stop" and token in self.eos_token_ids
-        detok = seq.detokenizer
-        if not eos:
-            detok.add_token(token)
+        text = "" if eos else seq.detokenizer.add(token)
         if finish_reason:
-            detok.finalize()
-        text = seq.stops.feed(detok.last_segment)
+            text += seq.detokenizer.flush()
+        text = seq.stops.feed(text)
         if seq.stops.stopped:
             finish_reason = "stop"
             self._generator.remove([uid])

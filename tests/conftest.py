@@ -1,0 +1,85 @@
+"""Shared fixtures: one real Ray Serve application for the whole session, driven over HTTP.
+
+The application is the one `serve run serve_config.yaml` starts (same `args:` block),
+so the tests exercise the default configuration users get.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# What the README's `serve` command sets: Serve's throughput-optimized mode.
+os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_args() -> dict:
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    return config["applications"][0]["args"]
+
+
+@pytest.fixture(scope="session")
+def serve_instance():
+    import ray
+    from ray import serve
+
+    port = _free_port()
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def orchard(serve_instance) -> str:
+    """Base URL of the default Orchard application (all families of serve_config.yaml)."""
+    from ray import serve
+
+    from graph import build_app
+
+    serve.run(build_app(default_args()), name="orchard", route_prefix="/")
+    return serve_instance
+
+
+@pytest.fixture(scope="session")
+def client(orchard):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{orchard}/v1", api_key="unused", _strict_response_validation=True, max_retries=0)
+
+
+
+@pytest.fixture(scope="session")
+def handle_loop():
+    """One event loop, on its own thread, for calling Serve deployment handles from tests.
+
+    Throughput-optimized Serve binds a handle's router to the loop that first uses it,
+    so every handle call in the session goes through this one loop.
+    """
+    import asyncio
+    import threading
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def call(make_coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(make_coro(), loop).result(timeout)
+
+    yield call
+    loop.call_soon_threadsafe(loop.stop)
