@@ -83,3 +83,13 @@ def handle_loop():
 
     yield call
     loop.call_soon_threadsafe(loop.stop)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The default LLM converted to an MLX directory, as a replica on this machine gets it."""
+    from mlx_orchard.models.registry import resolve_llm
+    from mlx_orchard.runtime import mlx_uses_cpu_backend
+
+    entry = default_args()["llm"][0]
+    return resolve_llm(entry["source"], dequantize=mlx_uses_cpu_backend(), sha256=entry["sha256"])

