@@ -12,7 +12,9 @@ from typing import Any
 from ray.serve import Application
 
 from deployments.ingress import Ingress, ModelRoute
+from deployments.embeddings import EmbeddingsDeployment
 from deployments.llm import LLMDeployment
+from deployments.whisper import WhisperDeployment
 from mlx_orchard.config import DeploymentOptions, OrchardArgs
 from mlx_orchard.engines.sampling import SamplingParams
 from mlx_orchard.runtime import replica_env_vars
@@ -46,4 +48,14 @@ def build_app(args: OrchardArgs) -> Application:
             name=entry.name, family="llm", deployment=name, sampling=SamplingParams(**entry.sampling.model_dump())
         )
         routes.update({alias: route for alias in entry.all_names()})
+    for family, entries, cls in (
+        ("embeddings", args.embeddings, EmbeddingsDeployment),
+        ("whisper", args.whisper, WhisperDeployment),
+    ):
+        for entry in entries:
+            name = _deployment_name(family, entry.name)
+            options = _model_options(entry.deployment, env_vars) | {"user_config": entry.batching.model_dump()}
+            options.setdefault("max_ongoing_requests", 2 * entry.batching.max_batch_size)
+            handles[name] = cls.options(name=name, **options).bind(entry)
+            routes.update({alias: ModelRoute(name=entry.name, family=family, deployment=name) for alias in entry.all_names()})
     return Ingress.options(**args.ingress.deployment.ray_options()).bind(routes, handles, args.ingress)

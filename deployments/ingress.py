@@ -13,7 +13,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments import text_api
+from deployments import media_api, text_api
 from deployments.http import APIKeyMiddleware, error_response
 from mlx_orchard.config import IngressOptions
 from mlx_orchard.engines.sampling import SamplingParams
@@ -21,6 +21,7 @@ from mlx_orchard.errors import InvalidRequestError, ModelNotFoundError, OrchardE
 from mlx_orchard.protocol.chat import ChatCompletionRequest
 from mlx_orchard.protocol.common import ModelCard, ModelList
 from mlx_orchard.protocol.completions import CompletionRequest
+from mlx_orchard.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,18 @@ def build_api(ingress: Ingress) -> FastAPI:
     async def completions(req: CompletionRequest):
         route, handle = ingress.route(req.model, "llm")
         return await text_api.completions(req, handle, route.sampling or SamplingParams())
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest) -> EmbeddingResponse:
+        return await media_api.embeddings(req, ingress)
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request):
+        return await media_api.transcribe(request, ingress, "transcribe")
+
+    @app.post("/v1/audio/translations")
+    async def translations(request: Request):
+        return await media_api.transcribe(request, ingress, "translate")
 
     if ingress.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=ingress.api_key)

@@ -80,11 +80,46 @@ class LLMEntry(ModelEntry):
     sampling: SamplingDefaults = SamplingDefaults()
 
 
+class BatchingOptions(Strict):
+    """``@serve.batch`` knobs; live-tunable through the deployment's ``user_config``."""
+
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+
+
+class BatchedEntry(ModelEntry):
+    batching: BatchingOptions = BatchingOptions()
+
+    @model_validator(mode="after")
+    def _batches_can_fill(self):
+        # Serve admits at most max_ongoing_requests per replica and runs one batch at a
+        # time here (max_concurrent_batches=1): a larger batch could never fill.
+        limit = self.deployment.max_ongoing_requests
+        need = self.batching.max_batch_size
+        if limit is not None and need > limit:
+            raise ValueError(
+                f"{self.name}: batching.max_batch_size ({need}) exceeds "
+                f"deployment.max_ongoing_requests ({limit}), so batches could never fill"
+            )
+        return self
+
+
+class EmbeddingsEntry(BatchedEntry):
+    max_batch_tokens: int = Field(16384, ge=1, description="padded tokens per forward pass")
+    supports_dimensions: bool = Field(False, description="Matryoshka-trained: shorter vectors stay meaningful")
+
+
+class WhisperEntry(BatchedEntry):
+    batching: BatchingOptions = BatchingOptions(max_batch_size=8, batch_wait_timeout_s=0.05)
+    max_audio_seconds: float = Field(3600.0, gt=0, description="longer audio is refused (decompression bombs)")
+
+
 class IngressOptions(Strict):
     api_key: str | None = Field(
         None, description="require `Authorization: Bearer <key>` on /v1/*; env ORCHARD_API_KEY also works"
     )
     cors_origins: list[str] = ["*"]
+    max_upload_mb: float = Field(25.0, gt=0, description="largest audio upload; bigger gets 413")
     deployment: DeploymentOptions = DeploymentOptions()
 
 
@@ -101,6 +136,8 @@ class OrchardArgs(Strict):
     ingress: IngressOptions = IngressOptions()
     runtime: RuntimeOptions = RuntimeOptions()
     llm: list[LLMEntry] = []
+    embeddings: list[EmbeddingsEntry] = []
+    whisper: list[WhisperEntry] = []
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -113,4 +150,4 @@ class OrchardArgs(Strict):
         return self
 
     def entries(self) -> list[ModelEntry]:
-        return [*self.llm]
+        return [*self.llm, *self.embeddings, *self.whisper]

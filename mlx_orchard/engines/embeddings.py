@@ -153,6 +153,19 @@ class EmbeddingEngine:
         body = ids[len(head) : len(ids) - len(tail)]
         return [*head, *body[: limit - len(head) - len(tail)], *tail]
 
+    def prepare(self, batch: list[list[int]], *, truncate: bool = False) -> list[list[int]]:
+        """Validated (and, when asked, truncated) inputs; raises before any model work, so a
+        caller that batches requests can check each one on its own."""
+        return [self._fit(list(ids), i, truncate) for i, ids in enumerate(batch)]
+
+    def check_dimensions(self, dimensions: int | None) -> None:
+        if dimensions is None:
+            return
+        if not self.supports_dimensions:
+            raise ValueError(f"model {self.model_dir.name} does not support the dimensions parameter")
+        if not 0 < dimensions <= self.dimensions:
+            raise ValueError(f"dimensions must be between 1 and {self.dimensions}, got {dimensions}")
+
     # -- embeddings -----------------------------------------------------------------------
 
     def embed(
@@ -162,12 +175,8 @@ class EmbeddingEngine:
 
         Raises ``InputTooLongError`` for inputs over ``max_input_tokens`` unless ``truncate``.
         """
-        if dimensions is not None:
-            if not self.supports_dimensions:
-                raise ValueError(f"model {self.model_dir.name} does not support the dimensions parameter")
-            if not 0 < dimensions <= self.dimensions:
-                raise ValueError(f"dimensions must be between 1 and {self.dimensions}, got {dimensions}")
-        seqs = [self._fit(list(ids), i, truncate) for i, ids in enumerate(batch)]
+        self.check_dimensions(dimensions)
+        seqs = self.prepare(batch, truncate=truncate)
         out = np.zeros((len(seqs), self.dimensions), dtype=np.float32)
         # Sorting by length keeps padding low when a token budget splits the batch.
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))

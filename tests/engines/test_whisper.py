@@ -1,4 +1,3 @@
-import re
 import shutil
 import subprocess
 
@@ -9,31 +8,9 @@ from mlx_orchard.audio import decode_audio
 from mlx_orchard.engines.whisper import ClipRequest, TranscriptionResult, WhisperEngine
 from mlx_orchard.models.cache import package_file
 from mlx_orchard.models.ctranslate2 import convert_directory
+from tests.speech import SENTENCES, word_error_rate
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng makes the test speech")
-
-SENTENCES = [
-    "Machine learning models run on local hardware.",
-    "Please send the weekly report to the finance team before noon.",
-    "Open the door and turn on the lights in the kitchen.",
-    "Thank you very much for your help yesterday.",
-]
-
-
-def words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    ref, hyp = words(reference), words(hypothesis)
-    # Levenshtein distance over words, one row at a time.
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1] / max(len(ref), 1)
-
 
 def test_word_error_rate_counts_edits():
     assert word_error_rate("the cat sat", "The cat sat.") == 0

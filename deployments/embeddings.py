@@ -1,0 +1,74 @@
+"""The embeddings family: requests from many callers share one forward pass (``@serve.batch``)."""
+
+from __future__ import annotations
+
+import numpy as np
+from ray import serve
+
+from deployments.batched import BatchedFamily
+from mlx_orchard.config import EmbeddingsEntry
+from mlx_orchard.engines.embeddings import EmbeddingEngine
+from mlx_orchard.errors import InvalidRequestError
+from mlx_orchard.models.registry import resolve_directory
+
+
+class _Job:
+    """One request's inputs, already checked, waiting for a batch."""
+
+    def __init__(self, ids: list[list[int]], truncate: bool, dimensions: int | None):
+        self.ids, self.truncate, self.dimensions = ids, truncate, dimensions
+
+
+@serve.deployment(name="embeddings", health_check_period_s=10)
+class EmbeddingsDeployment(BatchedFamily):
+    batch_method = "_run_batch"
+
+    def __init__(self, entry: EmbeddingsEntry):
+        self.name = entry.name
+        self._init_batching("embeddings", entry.name)
+        path = resolve_directory(entry.source)
+        self.engine = self.construct_on_mlx_thread(
+            EmbeddingEngine,
+            path,
+            supports_dimensions=entry.supports_dimensions,
+            max_batch_tokens=entry.max_batch_tokens,
+        )
+
+    async def embed(
+        self, inputs: list[str] | list[list[int]], *, truncate: bool = False, dimensions: int | None = None
+    ) -> tuple[np.ndarray, int]:
+        """Vectors for one request's inputs, and the number of prompt tokens they used."""
+        if inputs and isinstance(inputs[0], str):
+            ids = self.engine.tokenize(inputs)
+        else:
+            ids = [self.engine.add_special_tokens(list(x)) for x in inputs]
+        # Check each request alone, so one bad request never fails the others in its batch.
+        try:
+            ids = self.engine.prepare(ids, truncate=truncate)
+            self.engine.check_dimensions(dimensions)
+        except ValueError as e:
+            raise InvalidRequestError(str(e), param="dimensions" if "dimensions" in str(e) else "input") from e
+        vectors = await self._run_batch(_Job(ids, truncate, dimensions))
+        return vectors, sum(len(x) for x in ids)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _run_batch(self, jobs: list[_Job]) -> list[np.ndarray]:
+        self.record_batch(len(jobs))
+        flat = [ids for job in jobs for ids in job.ids]
+        vectors = await self.on_mlx_thread(self.engine.embed, flat)
+        out, start = [], 0
+        for job in jobs:
+            v = vectors[start : start + len(job.ids)]
+            start += len(job.ids)
+            if job.dimensions is not None:
+                v = v[:, : job.dimensions]
+                v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+            out.append(v)
+        return out
+
+    def stats(self) -> dict:
+        return self.batch_stats()
+
+    def check_health(self) -> None:
+        if self._mlx._shutdown:
+            raise RuntimeError("the MLX thread is gone")

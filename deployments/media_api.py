@@ -1,0 +1,90 @@
+"""Embeddings and audio routes on the ingress: parse and check the request, call the family's
+deployment, shape the answer (JSON, plain text, subtitles or server-sent events)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from starlette.datastructures import UploadFile
+
+from deployments.http import SSE_DONE, sse_event
+from mlx_orchard.errors import InvalidRequestError, PayloadTooLargeError
+from mlx_orchard.protocol.audio import (
+    Transcription,
+    TranscriptionForm,
+    TranscriptionVerbose,
+    TranscriptDelta,
+    TranscriptDone,
+    to_srt,
+    to_vtt,
+)
+from mlx_orchard.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
+
+_FORM_SLACK = 64 * 1024  # multipart headers and the small fields around the file
+
+
+async def embeddings(req: EmbeddingRequest, ingress) -> EmbeddingResponse:
+    _, handle = ingress.route(req.model, "embeddings")
+    vectors, tokens = await handle.embed.remote(req.texts_or_ids(), truncate=req.truncate, dimensions=req.dimensions)
+    return EmbeddingResponse.build(req.model, vectors, tokens, req.encoding_format)
+
+
+async def _read_upload(request: Request, limit: int) -> tuple[bytes, TranscriptionForm]:
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit + _FORM_SLACK:
+        raise PayloadTooLargeError(f"the upload is larger than the {limit / 1e6:g} MB limit", param="file")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise InvalidRequestError("send the audio as multipart/form-data with a `file` field", param="file")
+    form = await request.form(max_files=1, max_fields=32)
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequestError("the `file` field with the audio is required", param="file")
+        data = await upload.read(limit + 1)
+        if len(data) > limit:
+            raise PayloadTooLargeError(f"the upload is larger than the {limit / 1e6:g} MB limit", param="file")
+        fields: dict = {k: v for k, v in form.items() if k != "file" and not k.startswith("timestamp_granularities")}
+        granularities = form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")
+        if granularities:
+            fields["timestamp_granularities"] = granularities
+        return data, TranscriptionForm.model_validate(fields)
+    finally:
+        await form.close()
+
+
+async def transcribe(request: Request, ingress, task: str):
+    data, form = await _read_upload(request, int(ingress.options.max_upload_mb * 1e6))
+    _, handle = ingress.route(form.model, "whisper")
+    result: TranscriptionVerbose = await handle.transcribe.remote(
+        data,
+        task=task,
+        language=form.language if task == "transcribe" else None,
+        prompt=form.prompt,
+        temperature=form.temperature,
+        word_timestamps="word" in form.timestamp_granularities,
+    )
+    if form.stream:
+        return StreamingResponse(_transcript_events(result), media_type="text/event-stream")
+    match form.response_format:
+        case "text":
+            return PlainTextResponse(result.text + "\n")
+        case "srt":
+            return PlainTextResponse(to_srt(result))
+        case "vtt":
+            return PlainTextResponse(to_vtt(result), media_type="text/vtt")
+        case "verbose_json":
+            return result
+        case _:
+            return Transcription(text=result.text)
+
+
+async def _transcript_events(result: TranscriptionVerbose) -> AsyncIterator[bytes]:
+    # Segments arrive together from a batched decode; each still goes out as its own delta.
+    for i, segment in enumerate(result.segments):
+        text = segment.text.lstrip() if i == 0 else segment.text
+        if text:
+            yield sse_event(TranscriptDelta(delta=text))
+    yield sse_event(TranscriptDone(text=result.text))
+    yield SSE_DONE

@@ -1,0 +1,87 @@
+"""The speech-to-text family: short clips from concurrent requests decode as one batch."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mlx_whisper.audio import N_SAMPLES
+from mlx_whisper.tokenizer import LANGUAGES
+from ray import serve
+
+from deployments.batched import BatchedFamily
+from mlx_orchard.audio import AudioDecodeError, decode_audio
+from mlx_orchard.config import WhisperEntry
+from mlx_orchard.engines.whisper import ClipRequest, TranscriptionResult, WhisperEngine
+from mlx_orchard.errors import InvalidRequestError
+from mlx_orchard.models.registry import resolve_whisper
+from mlx_orchard.protocol.audio import TranscriptionSegment, TranscriptionVerbose, TranscriptionWord
+
+
+@serve.deployment(name="whisper", health_check_period_s=10)
+class WhisperDeployment(BatchedFamily):
+    batch_method = "_run_batch"
+
+    def __init__(self, entry: WhisperEntry):
+        self.name = entry.name
+        self.max_audio_seconds = entry.max_audio_seconds
+        self._init_batching("whisper", entry.name)
+        path = resolve_whisper(entry.source, sha256=entry.sha256)
+        self.engine = self.construct_on_mlx_thread(
+            WhisperEngine, path, max_batch_size=entry.batching.max_batch_size
+        )
+
+    async def transcribe(
+        self,
+        audio: bytes,
+        *,
+        task: str = "transcribe",
+        language: str | None = None,
+        prompt: str | None = None,
+        temperature: float = 0.0,
+        word_timestamps: bool = False,
+    ) -> TranscriptionVerbose:
+        # Everything that can fail for this request alone fails here, before it joins a batch.
+        try:
+            samples = await asyncio.to_thread(decode_audio, audio, max_seconds=self.max_audio_seconds)
+        except AudioDecodeError as e:
+            raise InvalidRequestError(str(e), param="file", code="invalid_audio_format") from e
+        try:
+            language = self.engine.normalize_language(language)
+        except ValueError as e:
+            raise InvalidRequestError(str(e), param="language") from e
+        clip = ClipRequest(samples, task, language, prompt or None, temperature, word_timestamps)
+        if len(samples) <= N_SAMPLES:
+            result = await self._run_batch(clip)
+        else:  # long audio: mlx-whisper's sliding window, on the same MLX thread
+            result = (await self.on_mlx_thread(self.engine.transcribe, [clip]))[0]
+        return _verbose(result, task)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _run_batch(self, clips: list[ClipRequest]) -> list[TranscriptionResult]:
+        self.record_batch(len(clips))
+        return await self.on_mlx_thread(self.engine.transcribe, clips)
+
+    def stats(self) -> dict:
+        return self.batch_stats()
+
+
+def _verbose(result: TranscriptionResult, task: str) -> TranscriptionVerbose:
+    segments = [
+        TranscriptionSegment(
+            id=s.id, seek=s.seek, start=s.start, end=s.end, text=s.text, tokens=s.tokens,
+            temperature=s.temperature, avg_logprob=s.avg_logprob,
+            compression_ratio=s.compression_ratio, no_speech_prob=s.no_speech_prob,
+        )  # fmt: skip
+        for s in result.segments
+    ]
+    words = None
+    if result.words is not None:
+        words = [TranscriptionWord(word=w.word, start=w.start, end=w.end) for w in result.words]
+    return TranscriptionVerbose(
+        task=task,
+        language=LANGUAGES.get(result.language, result.language),
+        duration=result.duration,
+        text=result.text,
+        segments=segments,
+        words=words,
+    )
