@@ -8,7 +8,7 @@ from mlx_orchard.audio import decode_audio
 from mlx_orchard.engines.whisper import ClipRequest, TranscriptionResult, WhisperEngine
 from mlx_orchard.models.cache import package_file
 from mlx_orchard.models.ctranslate2 import convert_directory
-from tests.speech import SENTENCES, word_error_rate
+from tests.speech import SENTENCES, word_error_rate, words
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng makes the test speech")
 
