@@ -36,12 +36,13 @@ $(VENV)/.installed-test: $(STAMP)
 
 install-test: system-packages $(VENV)/.installed-test
 
-# Debian/Ubuntu: OpenBLAS makes MLX's CPU matmuls ~40x faster; espeak-ng speaks test audio.
+# Debian/Ubuntu: OpenBLAS makes MLX CPU matmuls ~40x faster; espeak-ng speaks test audio;
+# ffmpeg decodes m4a/mp4/webm uploads.
 system-packages:
 ifeq ($(UNAME),Linux)
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	  dpkg -s libopenblas0-pthread espeak-ng >/dev/null 2>&1 || \
-	  (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread espeak-ng >/dev/null); \
+	  dpkg -s libopenblas0-pthread espeak-ng ffmpeg >/dev/null 2>&1 || \
+	  (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread espeak-ng ffmpeg >/dev/null); \
 	else echo "note: install libopenblas0-pthread and espeak-ng with your package manager"; fi
 endif
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import media_api, text_api
+from deployments.cluster_view import ClusterView, cluster_view
 from deployments.http import APIKeyMiddleware, error_response
 from mlx_orchard.config import IngressOptions
 from mlx_orchard.engines.sampling import SamplingParams
@@ -90,6 +92,10 @@ def build_api(ingress: Ingress) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/v1/cluster")
+    async def cluster() -> ClusterView:
+        return await asyncio.to_thread(cluster_view)
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray import serve
 from ray.util import metrics
 
@@ -14,6 +16,14 @@ from mlx_orchard.engines.llm import EngineStats, GenerationChunk, LLMEngine
 from mlx_orchard.engines.sampling import SamplingParams
 from mlx_orchard.models.registry import resolve_llm
 from mlx_orchard.runtime import mlx_uses_cpu_backend
+
+
+@dataclass
+class Accepted:
+    """First item of every generate stream: the prompt passed its checks on this replica."""
+
+    prompt_tokens: int
+    served_by: str  # "<deployment>#<replica id>@<node id prefix>", for the X-Orchard-Replica header
 
 
 @serve.deployment(name="llm", max_ongoing_requests=64, health_check_period_s=10)
@@ -30,6 +40,9 @@ class LLMDeployment:
             default_max_tokens=entry.default_max_tokens,
         )
         self.defaults = SamplingParams(**entry.sampling.model_dump())
+        context = serve.get_replica_context()
+        node = ray.get_runtime_context().get_node_id()
+        self.served_by = f"{context.deployment}#{context.replica_id.unique_id}@{node[:12]}"
         tags = {"model": entry.name}
         self._requests = metrics.Counter("orchard_llm_requests", "LLM requests admitted", ("model",))
         self._tokens = metrics.Counter("orchard_llm_generated_tokens", "tokens generated", ("model",))
@@ -56,8 +69,8 @@ class LLMDeployment:
         prompt: str | list[int] | None = None,
         stream: bool = True,
         echo: bool = False,
-    ) -> AsyncIterator[GenerationChunk]:
-        """Yields an empty chunk once the prompt is accepted (so callers can answer 4xx
+    ) -> AsyncIterator[Accepted | GenerationChunk]:
+        """Yields ``Accepted`` once the prompt passed its checks (so callers can answer 4xx
         before committing to a 200), then text chunks; with stream=False one final chunk."""
         if messages is not None:
             ids = self.engine.encode_chat(messages)
@@ -67,7 +80,7 @@ class LLMDeployment:
             ids = list(prompt or [])
         self.engine.check_prompt(ids, params)
         self._requests.inc()
-        yield GenerationChunk(text="", token_ids=[], prompt_tokens=len(ids), completion_tokens=0)
+        yield Accepted(prompt_tokens=len(ids), served_by=self.served_by)
 
         prefix = (prompt if isinstance(prompt, str) else self.engine.decode(ids)) if echo else ""
         start = time.perf_counter()

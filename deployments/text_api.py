@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
 from ray.serve.handle import DeploymentHandle
 
+from deployments.llm import Accepted
 from mlx_orchard.engines.llm import GenerationChunk
 from mlx_orchard.engines.sampling import SamplingParams
 from mlx_orchard.protocol.chat import (
@@ -31,6 +33,11 @@ from deployments.http import SSE_DONE, sse_errors_inline, sse_event
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+def _served_by(choices: list[_Choice]) -> dict[str, str]:
+    # Which replica (and node) answered: handy when several Macs serve one endpoint.
+    return {"X-Orchard-Replica": ",".join(dict.fromkeys(c.served_by for c in choices))}
+
+
 class _Choice:
     """One sequence of a request: its stream from the LLM deployment and its choice index."""
 
@@ -39,10 +46,12 @@ class _Choice:
         self.stream = stream
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.served_by = ""
 
     async def accept(self) -> None:
-        first: GenerationChunk = await self.stream.__anext__()
+        first: Accepted = await self.stream.__anext__()
         self.prompt_tokens = first.prompt_tokens
+        self.served_by = first.served_by
 
 
 def _per_choice_params(params: SamplingParams, i: int) -> SamplingParams:
@@ -129,7 +138,7 @@ async def chat_completions(req: ChatCompletionRequest, handle: DeploymentHandle,
     prompt_tokens = choices[0].prompt_tokens
     if not req.stream:
         finals = await _finals(choices)
-        return ChatCompletion(
+        body = ChatCompletion(
             model=req.model,
             choices=[
                 ChatChoice(index=c.index, message=AssistantMessage(content=f.text), finish_reason=f.finish_reason)
@@ -137,6 +146,7 @@ async def chat_completions(req: ChatCompletionRequest, handle: DeploymentHandle,
             ],
             usage=_usage(choices, prompt_tokens),
         )
+        return _json(body, choices)
 
     rid, created = completion_id("chatcmpl"), int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -162,7 +172,7 @@ async def chat_completions(req: ChatCompletionRequest, handle: DeploymentHandle,
             )
         yield SSE_DONE
 
-    return _sse(events())
+    return _sse(events(), choices)
 
 
 async def completions(req: CompletionRequest, handle: DeploymentHandle, defaults: SamplingParams):
@@ -178,7 +188,7 @@ async def completions(req: CompletionRequest, handle: DeploymentHandle, defaults
     prompt_tokens = sum(group[0].prompt_tokens for group in groups)
     if not req.stream:
         finals = await _finals(choices)
-        return Completion(
+        body = Completion(
             model=req.model,
             choices=[
                 CompletionChoice(index=c.index, text=f.text, finish_reason=f.finish_reason)
@@ -186,6 +196,7 @@ async def completions(req: CompletionRequest, handle: DeploymentHandle, defaults
             ],
             usage=_usage(choices, prompt_tokens),
         )
+        return _json(body, choices)
 
     rid, created = completion_id("cmpl"), int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -205,9 +216,15 @@ async def completions(req: CompletionRequest, handle: DeploymentHandle, defaults
             )
         yield SSE_DONE
 
-    return _sse(events())
+    return _sse(events(), choices)
 
 
-def _sse(events: AsyncIterator[bytes]) -> StreamingResponse:
-    return StreamingResponse(sse_errors_inline(events), media_type="text/event-stream", headers=SSE_HEADERS)
+def _sse(events: AsyncIterator[bytes], choices: list[_Choice]) -> StreamingResponse:
+    return StreamingResponse(
+        sse_errors_inline(events), media_type="text/event-stream", headers=SSE_HEADERS | _served_by(choices)
+    )
+
+
+def _json(body: BaseModel, choices: list[_Choice]) -> Response:
+    return Response(body.model_dump_json(), media_type="application/json", headers=_served_by(choices))
 

