@@ -1,0 +1,1 @@
+"""Scripts that start Ray on each Mac of an Orchard cluster (see cluster/README.md)."""
