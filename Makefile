@@ -49,8 +49,12 @@ endif
 serve: install
 	RAY_SERVE_THROUGHPUT_OPTIMIZED=1 $(BIN)/serve run serve_config.yaml
 
+TEST_ENV := RAY_SERVE_THROUGHPUT_OPTIMIZED=1 $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS))
+
+# Two processes: the multi-node tests need a Ray cluster of their own.
 test: install-test
-	RAY_SERVE_THROUGHPUT_OPTIMIZED=1 $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS)) $(BIN)/python -m pytest -q -p no:cacheprovider
+	$(TEST_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(TEST_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider tests/cluster
 
 bench: install-test
 	$(BIN)/python -m bench.compare_llm

@@ -92,3 +92,14 @@ def smollm2_dir() -> Path:
 
     entry = default_args()["llm"][0]
     return resolve_llm(entry["source"], dequantize=mlx_uses_cpu_backend(), sha256=entry["sha256"])
+
+
+def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
+    """tests/cluster needs a Ray cluster of its own, so a process runs it alone:
+    it is collected only when named on the command line (`pytest tests/cluster`)."""
+    cluster_dir = ROOT / "tests" / "cluster"
+    if collection_path == cluster_dir or cluster_dir in collection_path.parents:
+        named = [Path(a.split("::")[0]).resolve() for a in config.args]
+        if not any(p == cluster_dir or cluster_dir in p.parents for p in named):
+            return True
+    return None
