@@ -36,7 +36,8 @@ class ModelRoute:
     sampling: SamplingParams | None = None
 
 
-@serve.deployment(name="ingress", max_ongoing_requests=1000)
+# An ingress waits on I/O: it reserves no CPU, so it never blocks model replicas from placing.
+@serve.deployment(name="ingress", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class Ingress:
     def __init__(

@@ -38,6 +38,7 @@ class LLMDeployment:
             prefill_batch_size=entry.prefill_batch_size,
             prefill_step_size=entry.prefill_step_size,
             default_max_tokens=entry.default_max_tokens,
+            prefix_cache_size=entry.prefix_cache_size,
         )
         self.defaults = SamplingParams(**entry.sampling.model_dump())
         context = serve.get_replica_context()

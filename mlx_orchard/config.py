@@ -77,6 +77,7 @@ class LLMEntry(ModelEntry):
     prefill_batch_size: int = Field(16, ge=1)
     prefill_step_size: int = Field(512, ge=16, description="prompt tokens per prefill chunk")
     default_max_tokens: int = Field(2048, ge=1)
+    prefix_cache_size: int = Field(16, ge=0, description="finished sequences whose KV cache is kept for reuse")
     sampling: SamplingDefaults = SamplingDefaults()
 
 

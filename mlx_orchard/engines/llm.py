@@ -17,12 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
+
 from mlx_orchard.engines.detokenize import IncrementalDetokenizer
 from mlx_orchard.engines.sampling import SamplingParams, build_logits_processors, build_sampler
 from mlx_orchard.engines.stopping import StopStringFilter
 from mlx_orchard.errors import ContextLengthExceededError, InvalidRequestError, ServiceUnavailableError
 
 logger = logging.getLogger("orchard.llm")
+_MODEL_KEY = 0  # the prefix cache is per engine, which serves one model
 
 
 @dataclass
@@ -72,12 +75,14 @@ class LLMEngine:
         prefill_batch_size: int = 16,
         prefill_step_size: int = 512,
         default_max_tokens: int = 2048,
+        prefix_cache_size: int = 16,
     ):
         self.model_path = str(model_path)
         self.max_batch_size = max_batch_size
         self.prefill_batch_size = min(prefill_batch_size, max_batch_size)
         self.prefill_step_size = prefill_step_size
         self.default_max_tokens = default_max_tokens
+        self.prefix_cache_size = prefix_cache_size
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._running: dict[int, _Sequence] = {}
         self._waiting = 0
@@ -111,6 +116,9 @@ class LLMEngine:
             prefill_step_size=self.prefill_step_size,
         )
         self._generator = self._make_generator()
+        # KV caches of finished sequences, found again by longest common token prefix: chat
+        # requests share their system prompt, and a conversation's next turn extends the last.
+        self._prefix_cache = LRUPromptCache(max_size=self.prefix_cache_size) if self.prefix_cache_size else None
 
     # ---- tokenization (callers' threads: the tokenizer is not MLX) ----
 
@@ -238,6 +246,8 @@ class LLMEngine:
             self._steps += 1
             for r in responses:
                 self._on_token(r.uid, r.token, r.finish_reason)
+                if r.finish_reason and self._prefix_cache is not None:
+                    self._prefix_cache.insert_cache(_MODEL_KEY, list(r.all_tokens), r.prompt_cache)
 
     def _take_commands(self, block: bool) -> None:
         adds: list[_Sequence] = []
@@ -262,9 +272,22 @@ class LLMEngine:
         if adds:
             self._admit(adds)
 
+    def _cached_prefix(self, prompt: list[int]) -> tuple[list | None, list[int]]:
+        """A copy of the longest cached KV prefix of ``prompt``, and the tokens still to prefill."""
+        if self._prefix_cache is None:
+            return None, prompt
+        cache, rest = self._prefix_cache.fetch_nearest_cache(_MODEL_KEY, prompt)
+        if cache is not None and not rest:  # exact hit: re-run the last token for its logits
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        return cache, rest
+
     def _admit(self, seqs: list[_Sequence]) -> None:
+        caches, rests = zip(*(self._cached_prefix(s.prompt) for s in seqs))
         uids = self._generator.insert(
-            [s.prompt for s in seqs],
+            list(rests),
+            caches=list(caches),
+            all_tokens=[s.prompt[: len(s.prompt) - len(rest)] for s, rest in zip(seqs, rests)],
             max_tokens=[s.max_tokens for s in seqs],
             samplers=[build_sampler(s.params) for s in seqs],
             logits_processors=[build_logits_processors(s.params) for s in seqs],
