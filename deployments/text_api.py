@@ -13,6 +13,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from ray.serve.handle import DeploymentHandle
 
+from deployments.http import SSE_DONE, sse_errors_inline, sse_event
 from deployments.llm import Accepted
 from mlx_orchard.engines.llm import GenerationChunk
 from mlx_orchard.engines.sampling import SamplingParams
@@ -28,7 +29,6 @@ from mlx_orchard.protocol.chat import (
 )
 from mlx_orchard.protocol.common import Usage
 from mlx_orchard.protocol.completions import Completion, CompletionChoice, CompletionRequest
-from deployments.http import SSE_DONE, sse_errors_inline, sse_event
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -128,7 +128,11 @@ async def _finals(choices: list[_Choice]) -> list[GenerationChunk]:
         c.completion_tokens = final.completion_tokens
         return final
 
-    return list(await asyncio.gather(*(last(c) for c in choices)))
+    try:
+        return list(await asyncio.gather(*(last(c) for c in choices)))
+    except BaseException:  # the client went away (cancellation) or a sequence failed
+        _cancel(choices)
+        raise
 
 
 async def chat_completions(req: ChatCompletionRequest, handle: DeploymentHandle, defaults: SamplingParams):
