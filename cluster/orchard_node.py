@@ -35,8 +35,9 @@ RAY_PORT = 6379
 # macOS itself, the window server and the user's apps live in the reserve; on a Linux
 # test box or server little else runs.
 DEFAULT_RESERVE_GB = {"Darwin": 8, "other": 2}
-# Without it `ray start` on macOS refuses to join or accept other nodes.
-CLUSTER_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+# Ray refuses multi-node on macOS without the first; the second keeps model replicas at
+# normal priority (Ray starts workers at nice 15 otherwise).
+CLUSTER_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_worker_niceness": "0"}
 # Ray 2.60 turns token auth on for a head that finds ~/.ray/auth_token (a local
 # `serve run` writes one) but never for a joining node, which is then refused. So we
 # set the mode explicitly on every node; "token" needs the same token on every Mac.

@@ -27,7 +27,7 @@ from mlx_orchard.protocol.chat import (
     ChatDelta,
     completion_id,
 )
-from mlx_orchard.protocol.common import Usage
+from mlx_orchard.protocol.common import PromptTokensDetails, Usage
 from mlx_orchard.protocol.completions import Completion, CompletionChoice, CompletionRequest
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -46,7 +46,12 @@ class _Choice:
         self.stream = stream
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0
         self.served_by = ""
+
+    def update(self, chunk: GenerationChunk) -> None:
+        self.completion_tokens = chunk.completion_tokens
+        self.cached_tokens = chunk.cached_tokens
 
     async def accept(self) -> None:
         first: Accepted = await self.stream.__anext__()
@@ -110,9 +115,16 @@ async def _merged(choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, Genera
         _cancel(choices)
 
 
-def _usage(choices: list[_Choice], prompt_tokens: int) -> Usage:
+def _usage(choices: list[_Choice], prompt_tokens: int, n: int) -> Usage:
+    """Completion tokens of every choice; the prompt (and its cache hits) once per prompt."""
     completion = sum(c.completion_tokens for c in choices)
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
+    cached = sum(c.cached_tokens for c in choices[::n])
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion,
+        total_tokens=prompt_tokens + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
 
 
 def _streams(handle: DeploymentHandle, n: int, params: SamplingParams, stream: bool, **prompt: Any) -> list[_Choice]:
@@ -125,7 +137,7 @@ async def _finals(choices: list[_Choice]) -> list[GenerationChunk]:
         final = None
         async for final in c.stream:
             pass
-        c.completion_tokens = final.completion_tokens
+        c.update(final)
         return final
 
     try:
@@ -148,7 +160,7 @@ async def chat_completions(req: ChatCompletionRequest, handle: DeploymentHandle,
                 ChatChoice(index=c.index, message=AssistantMessage(content=f.text), finish_reason=f.finish_reason)
                 for c, f in zip(choices, finals)
             ],
-            usage=_usage(choices, prompt_tokens),
+            usage=_usage(choices, prompt_tokens, req.n),
         )
         return _json(body, choices)
 
@@ -163,7 +175,7 @@ async def chat_completions(req: ChatCompletionRequest, handle: DeploymentHandle,
         for c in choices:
             yield event(c.index, ChatDelta(role="assistant", content=""))
         async for c, chunk in _merged(choices):
-            c.completion_tokens = chunk.completion_tokens
+            c.update(chunk)
             if chunk.text:
                 yield event(c.index, ChatDelta(content=chunk.text))
             if chunk.finish_reason:
@@ -171,7 +183,7 @@ async def chat_completions(req: ChatCompletionRequest, handle: DeploymentHandle,
         if include_usage:
             yield sse_event(
                 ChatCompletionChunk(
-                    id=rid, created=created, model=req.model, choices=[], usage=_usage(choices, prompt_tokens)
+                    id=rid, created=created, model=req.model, choices=[], usage=_usage(choices, prompt_tokens, req.n)
                 )
             )
         yield SSE_DONE
@@ -198,7 +210,7 @@ async def completions(req: CompletionRequest, handle: DeploymentHandle, defaults
                 CompletionChoice(index=c.index, text=f.text, finish_reason=f.finish_reason)
                 for c, f in zip(choices, finals)
             ],
-            usage=_usage(choices, prompt_tokens),
+            usage=_usage(choices, prompt_tokens, req.n),
         )
         return _json(body, choices)
 
@@ -211,12 +223,12 @@ async def completions(req: CompletionRequest, handle: DeploymentHandle, defaults
 
     async def events() -> AsyncIterator[bytes]:
         async for c, chunk in _merged(choices):
-            c.completion_tokens = chunk.completion_tokens
+            c.update(chunk)
             if chunk.text or chunk.finish_reason:
                 yield event(c.index, chunk.text, chunk.finish_reason)
         if include_usage:
             yield sse_event(
-                Completion(id=rid, created=created, model=req.model, choices=[], usage=_usage(choices, prompt_tokens))
+                Completion(id=rid, created=created, model=req.model, choices=[], usage=_usage(choices, prompt_tokens, req.n))
             )
         yield SSE_DONE
 

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # What the README's `serve` command sets: Serve's throughput-optimized mode.
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+os.environ.setdefault("RAY_worker_niceness", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 

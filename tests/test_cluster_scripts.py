@@ -106,9 +106,14 @@ def test_worker_command_pins_ports_and_passes_extra_flags():
 
 def test_env_enables_multi_node_on_macos_and_sets_auth():
     env = node.ray_env("token", base={"PATH": "/bin"})
-    assert env == {"PATH": "/bin", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "token"}
+    assert env == {
+        "PATH": "/bin",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+        "RAY_worker_niceness": "0",
+        "RAY_AUTH_MODE": "token",
+    }
     assert node.shell_line(["ray", "start", "--head"], "disabled") == (
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_AUTH_MODE=disabled ray start --head"
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_worker_niceness=0 RAY_AUTH_MODE=disabled ray start --head"
     )
 
 
@@ -141,7 +146,7 @@ def test_cli_resources_prints_json():
 def test_cli_dry_run(tmp_path):
     out = _cli("worker", "--address", "10.0.0.1", "--dry-run", "--auth", "disabled", "--node-ip-address", "10.0.0.2")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_AUTH_MODE=disabled ")
+    assert out.stdout.startswith("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_worker_niceness=0 RAY_AUTH_MODE=disabled ")
     assert "start --address 10.0.0.1:6379 --resources" in out.stdout and "--node-ip-address 10.0.0.2" in out.stdout
     # A worker without the head's token is stopped before `ray start` would be refused.
     out = _cli("worker", "--address", "10.0.0.1", "--dry-run", home=tmp_path)

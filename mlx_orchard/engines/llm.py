@@ -37,6 +37,7 @@ class GenerationChunk:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None = None  # "stop" | "length" | None while running
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass
@@ -59,6 +60,7 @@ class _Sequence:
     detokenizer: IncrementalDetokenizer | None = None
     stops: StopStringFilter | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
     done: bool = False
 
@@ -194,6 +196,7 @@ class LLMEngine:
                         prompt_tokens=nxt.prompt_tokens,
                         completion_tokens=nxt.completion_tokens,
                         finish_reason=nxt.finish_reason,
+                        cached_tokens=nxt.cached_tokens,
                     )
                 if isinstance(item, BaseException):
                     raise item
@@ -292,8 +295,9 @@ class LLMEngine:
             samplers=[build_sampler(s.params) for s in seqs],
             logits_processors=[build_logits_processors(s.params) for s in seqs],
         )
-        for uid, seq in zip(uids, seqs):
+        for uid, seq, rest in zip(uids, seqs, rests):
             seq.uid = uid
+            seq.cached_tokens = len(seq.prompt) - len(rest)
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
             seq.stops = StopStringFilter(seq.params.stop)
             self._running[uid] = seq
@@ -324,6 +328,7 @@ class LLMEngine:
             prompt_tokens=len(seq.prompt),
             completion_tokens=seq.completion_tokens,
             finish_reason=finish_reason,
+            cached_tokens=seq.cached_tokens,
         )
         seq.emit(chunk)
 

@@ -27,10 +27,15 @@ class OpenAIResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
 class Usage(OpenAIResponse):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class StreamOptions(BaseModel):
