@@ -199,7 +199,8 @@ def render(res: dict) -> str:
         f"# LLM benchmark, {meta['date']}",
         "",
         f"- machine: {meta['machine']}",
-        f"- load average (1/5/15 min): before {meta['load_before']}, after {meta['load_after']}",
+        f"- load average (1/5/15 min): before {meta['load_before']}, after {meta['load_after']} "
+        "(the benchmark itself keeps about 2-3 threads runnable, so 'after' includes its own load)",
         f"- model: `{meta['model_dir']}` (float32), BLAS preload: `{meta['blas']}`",
         f"- versions: {meta['versions']}; Orchard commit {meta['commit']}",
         f"- mode: {'quick' if meta['quick'] else 'full'}; {meta['max_tokens']} tokens per answer, greedy; "
