@@ -21,7 +21,7 @@ def name(pid: int) -> str:
     if parts[0].startswith("ray::"):
         return parts[0].split()[0]
     prog = Path(parts[0]).name
-    if "-c" in parts[1:2]:
+    if "-c" in parts[1:]:
         return f"{prog} -c"
     mod = next((parts[i + 1] for i, p in enumerate(parts[:-1]) if p == "-m"), None)
     script = next((Path(p).name for p in parts[1:] if p.endswith(".py")), None)
