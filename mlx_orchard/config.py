@@ -74,7 +74,7 @@ class LLMEntry(ModelEntry):
         "where fp32 decodes faster than 4-bit; no on Metal/CUDA)",
     )
     max_batch_size: int = Field(32, ge=1, description="sequences decoded together per step")
-    prefill_batch_size: int = Field(16, ge=1)
+    prefill_batch_size: int = Field(8, ge=1, description="prompts admitted and prefilled together")
     prefill_step_size: int = Field(512, ge=16, description="prompt tokens per prefill chunk")
     default_max_tokens: int = Field(2048, ge=1)
     prefix_cache_size: int = Field(16, ge=0, description="finished sequences whose KV cache is kept for reuse")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+from collections import deque
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class _Sequence:
     completion_tokens: int = 0
     cached_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
+    started: bool = False  # has produced its first token
     done: bool = False
 
     def emit(self, item: GenerationChunk | BaseException) -> None:
@@ -74,7 +76,7 @@ class LLMEngine:
         model_path: str | Path,
         *,
         max_batch_size: int = 32,
-        prefill_batch_size: int = 16,
+        prefill_batch_size: int = 8,
         prefill_step_size: int = 512,
         default_max_tokens: int = 2048,
         prefix_cache_size: int = 16,
@@ -87,6 +89,8 @@ class LLMEngine:
         self.prefix_cache_size = prefix_cache_size
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._running: dict[int, _Sequence] = {}
+        self._pending: deque[_Sequence] = deque()  # received, not yet in the BatchGenerator
+        self._prefilling = 0  # admitted sequences still waiting for their first token
         self._waiting = 0
         self._steps = 0
         self._generated = 0
@@ -210,7 +214,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         return EngineStats(
             running=len(self._running),
-            waiting=self._waiting,
+            waiting=self._waiting + len(self._pending),
             steps=self._steps,
             generated_tokens=self._generated,
             alive=self.is_alive(),
@@ -235,7 +239,8 @@ class LLMEngine:
             return
         self._loaded.set()
         while not self._stopping:
-            self._take_commands(block=not self._running)
+            self._take_commands(block=not self._running and not self._pending)
+            self._admit_pending()
             if not self._running:
                 continue
             try:
@@ -253,27 +258,40 @@ class LLMEngine:
                     self._prefix_cache.insert_cache(_MODEL_KEY, list(r.all_tokens), r.prompt_cache)
 
     def _take_commands(self, block: bool) -> None:
-        adds: list[_Sequence] = []
         while True:
             try:
-                kind, seq = self._commands.get(block=block and not adds)
+                kind, seq = self._commands.get(block=block)
             except queue.Empty:
                 break
+            block = False
             if kind == "stop":
                 self._stopping = True
                 break
             if kind == "add":
                 self._waiting -= 1
-                adds.append(seq)
+                self._pending.append(seq)
             elif kind == "cancel":
-                if seq in adds:
-                    adds.remove(seq)
+                if seq in self._pending:
+                    self._pending.remove(seq)
                 elif seq.uid is not None and self._running.pop(seq.uid, None) is not None:
                     self._generator.remove([seq.uid])
+                    if not seq.started:
+                        self._prefilling -= 1
                 seq.done = True
-            block = False
-        if adds:
-            self._admit(adds)
+
+    def _admit_pending(self) -> None:
+        """Admit waiting sequences once the previous group has its first tokens.
+
+        BatchGenerator returns a step's tokens only after that step's prefill work, so
+        admitting more prompts before the previous group's first tokens are out would make
+        every earlier request wait for every later request's prefill (TTFT p50 = p95).
+        """
+        if not self._pending or self._prefilling:
+            return
+        room = min(self.prefill_batch_size, self.max_batch_size - len(self._running))
+        group = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+        if group:
+            self._admit(group)
 
     def _cached_prefix(self, prompt: list[int]) -> tuple[list | None, list[int]]:
         """A copy of the longest cached KV prefix of ``prompt``, and the tokens still to prefill."""
@@ -295,6 +313,7 @@ class LLMEngine:
             samplers=[build_sampler(s.params) for s in seqs],
             logits_processors=[build_logits_processors(s.params) for s in seqs],
         )
+        self._prefilling += len(seqs)
         for uid, seq, rest in zip(uids, seqs, rests):
             seq.uid = uid
             seq.cached_tokens = len(seq.prompt) - len(rest)
@@ -307,6 +326,9 @@ class LLMEngine:
         if seq is None:  # cancelled while this step ran
             return
         self._generated += 1
+        if not seq.started:
+            seq.started = True
+            self._prefilling -= 1
         seq.completion_tokens += 1
         seq.token_ids.append(token)
         eos = finish_reason == "stop" and token in self.eos_token_ids
@@ -337,4 +359,5 @@ class LLMEngine:
             seq.done = True
             seq.emit(error)
         self._running.clear()
+        self._prefilling = 0
 
