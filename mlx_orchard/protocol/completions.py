@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from mlx_orchard.protocol.chat import completion_id
 from mlx_orchard.protocol.common import OpenAIResponse, Usage
@@ -25,6 +25,13 @@ class CompletionRequest(SamplingRequest):
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be an empty list")
         return v
+
+    @model_validator(mode="after")
+    def _bounded_fan_out(self):
+        # Every prompt x n is a sequence in the batch: keep one request from flooding it.
+        if len(self.prompts()) * self.n > 128:
+            raise ValueError("at most 128 sequences (prompts x n) per request")
+        return self
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens

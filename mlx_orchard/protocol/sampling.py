@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from mlx_orchard.engines.sampling import SamplingParams
 from mlx_orchard.protocol.common import OpenAIRequest, StreamOptions, stop_list
@@ -25,6 +25,21 @@ class SamplingRequest(OpenAIRequest):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
+    # Accepted so clients that send them switched off work; switched on they are refused
+    # (an empty answer would look like support).
+    logprobs: bool | int | None = None
+    tools: list[dict] | None = None
+    response_format: dict | None = None
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        if self.logprobs not in (None, False, 0):
+            raise ValueError("logprobs are not supported by this server yet")
+        if self.tools:
+            raise ValueError("tool calling is not supported by this server yet")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError("only response_format {'type': 'text'} is supported")
+        return self
 
     @field_validator("stop")
     @classmethod
