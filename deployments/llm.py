@@ -87,22 +87,26 @@ class LLMDeployment:
         start = time.perf_counter()
         parts: list[str] = [prefix]
         tokens: list[int] = []
-        first = True
-        async for chunk in self.engine.generate(ids, params):
-            if first:
-                self._ttft.observe(time.perf_counter() - start)
-                first = False
-            self._tokens.inc(len(chunk.token_ids))
-            if stream:
-                if prefix:
-                    chunk.text, prefix = prefix + chunk.text, ""
-                yield chunk
-            else:
-                parts.append(chunk.text)
-                tokens.extend(chunk.token_ids)
-                if chunk.finish_reason:
-                    chunk.text, chunk.token_ids = "".join(parts), tokens
+        generated = 0
+        try:
+            async for chunk in self.engine.generate(ids, params):
+                if not generated:
+                    self._ttft.observe(time.perf_counter() - start)
+                generated = chunk.completion_tokens
+                if stream:
+                    if prefix:
+                        chunk.text, prefix = prefix + chunk.text, ""
                     yield chunk
+                else:
+                    parts.append(chunk.text)
+                    tokens.extend(chunk.token_ids)
+                    if chunk.finish_reason:
+                        chunk.text, chunk.token_ids = "".join(parts), tokens
+                        yield chunk
+        finally:
+            # Counted once per request, not per chunk: the metric stays off the token path.
+            if generated:
+                self._tokens.inc(generated)
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
