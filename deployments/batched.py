@@ -23,6 +23,7 @@ class BatchedFamily:
         # All MLX work of a replica runs on this one thread, so the event loop stays free
         # to collect the next batch while the current one computes.
         self._mlx = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"orchard-{family}-mlx")
+        self._mlx_closed = False
         self._recent_batches: deque[int] = deque(maxlen=256)
         self._batch_count = 0
         self._batch_size = metrics.Histogram(
@@ -49,6 +50,17 @@ class BatchedFamily:
         batch = getattr(self, self.batch_method)
         batch.set_max_batch_size(options.max_batch_size)
         batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
+
+    def check_health(self) -> None:
+        # Serve restarts a replica whose MLX thread pool can no longer take work.
+        if self._mlx_closed:
+            raise RuntimeError("the MLX thread of this replica has shut down")
+
+    def __del__(self):
+        mlx = getattr(self, "_mlx", None)
+        if mlx is not None:
+            self._mlx_closed = True
+            mlx.shutdown(wait=False, cancel_futures=True)
 
     def batch_stats(self) -> dict[str, Any]:
         recent = list(self._recent_batches)

@@ -68,7 +68,3 @@ class EmbeddingsDeployment(BatchedFamily):
 
     def stats(self) -> dict:
         return self.batch_stats()
-
-    def check_health(self) -> None:
-        if self._mlx._shutdown:
-            raise RuntimeError("the MLX thread is gone")
