@@ -7,7 +7,7 @@ from ray import serve
 
 from deployments.batched import BatchedFamily
 from mlx_orchard.config import EmbeddingsEntry
-from mlx_orchard.engines.embeddings import EmbeddingEngine
+from mlx_orchard.engines.embeddings import EmbeddingEngine, shorten
 from mlx_orchard.errors import InvalidRequestError
 from mlx_orchard.models.registry import resolve_directory
 
@@ -15,8 +15,8 @@ from mlx_orchard.models.registry import resolve_directory
 class _Job:
     """One request's inputs, already checked, waiting for a batch."""
 
-    def __init__(self, ids: list[list[int]], truncate: bool, dimensions: int | None):
-        self.ids, self.truncate, self.dimensions = ids, truncate, dimensions
+    def __init__(self, ids: list[list[int]], dimensions: int | None):
+        self.ids, self.dimensions = ids, dimensions
 
 
 @serve.deployment(name="embeddings", health_check_period_s=10)
@@ -48,22 +48,18 @@ class EmbeddingsDeployment(BatchedFamily):
             self.engine.check_dimensions(dimensions)
         except ValueError as e:
             raise InvalidRequestError(str(e), param="dimensions" if "dimensions" in str(e) else "input") from e
-        vectors = await self._run_batch(_Job(ids, truncate, dimensions))
+        vectors = await self._run_batch(_Job(ids, dimensions))
         return vectors, sum(len(x) for x in ids)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _run_batch(self, jobs: list[_Job]) -> list[np.ndarray]:
         self.record_batch(len(jobs))
         flat = [ids for job in jobs for ids in job.ids]
-        vectors = await self.on_mlx_thread(self.engine.embed, flat)
+        vectors = await self.on_mlx_thread(self.engine.embed_prepared, flat)
         out, start = [], 0
         for job in jobs:
-            v = vectors[start : start + len(job.ids)]
+            out.append(shorten(vectors[start : start + len(job.ids)], job.dimensions))
             start += len(job.ids)
-            if job.dimensions is not None:
-                v = v[:, : job.dimensions]
-                v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-            out.append(v)
         return out
 
     def stats(self) -> dict:

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from mlx_orchard.errors import AuthenticationError, OrchardError
+from mlx_orchard.protocol.common import ErrorBody, ErrorResponse
 
 logger = logging.getLogger("orchard.ingress")
 
@@ -59,7 +60,8 @@ def error_payload(exc: BaseException) -> tuple[int, dict[str, Any]]:
         message = "The server had an error while processing your request."
     if status >= 500 and not isinstance(exc, OrchardError):
         logger.warning("request failed: %s: %s", type(exc).__name__, exc)
-    return status, {"error": {"message": message, "type": etype, "param": param, "code": code}}
+    body = ErrorResponse(error=ErrorBody(message=message, type=etype, param=param, code=code))
+    return status, body.model_dump()
 
 
 def error_response(exc: BaseException) -> JSONResponse:

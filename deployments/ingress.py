@@ -21,7 +21,7 @@ from mlx_orchard.config import IngressOptions
 from mlx_orchard.engines.sampling import SamplingParams
 from mlx_orchard.errors import InvalidRequestError, ModelNotFoundError, OrchardError
 from mlx_orchard.protocol.chat import ChatCompletionRequest
-from mlx_orchard.protocol.common import ModelCard, ModelList
+from mlx_orchard.protocol.common import ErrorBody, ErrorResponse, ModelCard, ModelList
 from mlx_orchard.protocol.completions import CompletionRequest
 from mlx_orchard.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 
@@ -83,8 +83,8 @@ def build_api(ingress: Ingress) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException):
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        body = {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": kind}
-        return JSONResponse({"error": body}, status_code=exc.status_code, headers=exc.headers)
+        body = ErrorResponse(error=ErrorBody(message=str(exc.detail), type="invalid_request_error", code=kind))
+        return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _any_error(_: Request, exc: Exception):

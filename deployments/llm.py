@@ -40,7 +40,6 @@ class LLMDeployment:
             default_max_tokens=entry.default_max_tokens,
             prefix_cache_size=entry.prefix_cache_size,
         )
-        self.defaults = SamplingParams(**entry.sampling.model_dump())
         context = serve.get_replica_context()
         node = ray.get_runtime_context().get_node_id()
         self.served_by = f"{context.deployment}#{context.replica_id.unique_id}@{node[:12]}"
@@ -55,12 +54,6 @@ class LLMDeployment:
         )
         for m in (self._requests, self._tokens, self._ttft):
             m.set_default_tags(tags)
-
-    def sampling_defaults(self) -> SamplingParams:
-        return self.defaults
-
-    def context_length(self) -> int:
-        return self.engine.context_length
 
     async def generate(
         self,
@@ -79,7 +72,7 @@ class LLMDeployment:
             ids = self.engine.encode(prompt)
         else:
             ids = list(prompt or [])
-        self.engine.check_prompt(ids, params)
+        chunks = self.engine.generate(ids, params)  # raises here for a bad prompt
         self._requests.inc()
         yield Accepted(prompt_tokens=len(ids), served_by=self.served_by)
 
@@ -89,7 +82,7 @@ class LLMDeployment:
         tokens: list[int] = []
         generated = 0
         try:
-            async for chunk in self.engine.generate(ids, params):
+            async for chunk in chunks:
                 if not generated:
                     self._ttft.observe(time.perf_counter() - start)
                 generated = chunk.completion_tokens

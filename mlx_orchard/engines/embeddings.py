@@ -176,7 +176,11 @@ class EmbeddingEngine:
         Raises ``InputTooLongError`` for inputs over ``max_input_tokens`` unless ``truncate``.
         """
         self.check_dimensions(dimensions)
-        seqs = self.prepare(batch, truncate=truncate)
+        return shorten(self.embed_prepared(self.prepare(batch, truncate=truncate)), dimensions)
+
+    def embed_prepared(self, seqs: list[list[int]]) -> np.ndarray:
+        """Embeddings of inputs that ``prepare`` already checked: callers that validate each
+        request on its own before batching them skip a second pass over every token."""
         out = np.zeros((len(seqs), self.dimensions), dtype=np.float32)
         # Sorting by length keeps padding low when a token budget splits the batch.
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -188,9 +192,6 @@ class EmbeddingEngine:
             group.append(i)
         if group:
             out[group] = self._forward([seqs[j] for j in group])
-        if dimensions is not None:
-            out = out[:, :dimensions]
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out
 
     def _forward(self, seqs: list[list[int]]) -> np.ndarray:
@@ -218,3 +219,11 @@ class EmbeddingEngine:
         summed = mx.sum(hidden * weights, axis=1)
         count = mx.maximum(mx.sum(weights, axis=1), 1e-9)
         return summed / (count if mode == "mean" else mx.sqrt(count))
+
+
+def shorten(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
+    """Matryoshka-style shorter vectors: keep the first ``dimensions``, re-normalize."""
+    if dimensions is None:
+        return vectors
+    out = vectors[:, :dimensions]
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)

@@ -171,13 +171,17 @@ class LLMEngine:
 
     # ---- the asyncio side ----
 
-    async def generate(self, prompt: Sequence[int], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
-        """Stream chunks for one sequence; closing the iterator early removes it from the batch."""
+    def generate(self, prompt: Sequence[int], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
+        """Check the request now (raising before anything is queued), then return its stream
+        of chunks; closing the stream early removes the sequence from the batch."""
         if not self.is_alive():
             raise ServiceUnavailableError("the generation loop is not running")
         max_tokens = self.check_prompt(prompt, params)
+        return self._stream(list(prompt), params, max_tokens)
+
+    async def _stream(self, prompt: list[int], params: SamplingParams, max_tokens: int) -> AsyncIterator[GenerationChunk]:
         seq = _Sequence(
-            prompt=list(prompt),
+            prompt=prompt,
             params=params,
             max_tokens=max_tokens,
             loop=asyncio.get_running_loop(),

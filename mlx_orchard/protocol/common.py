@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -72,7 +72,3 @@ def stop_list(stop: str | list[str] | None) -> tuple[str, ...]:
         return ()
     items = [stop] if isinstance(stop, str) else list(stop)
     return tuple(s for s in items if s)
-
-
-def dump(model: BaseModel) -> dict[str, Any]:
-    return model.model_dump(mode="json", exclude_none=False)
