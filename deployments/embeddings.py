@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 from ray import serve
 
 from deployments.batched import BatchedFamily
 from mlx_orchard.config import EmbeddingsEntry
 from mlx_orchard.engines.embeddings import EmbeddingEngine, shorten
-from mlx_orchard.errors import InvalidRequestError
 from mlx_orchard.models.registry import resolve_directory
 
 
@@ -38,16 +39,15 @@ class EmbeddingsDeployment(BatchedFamily):
         self, inputs: list[str] | list[list[int]], *, truncate: bool = False, dimensions: int | None = None
     ) -> tuple[np.ndarray, int]:
         """Vectors for one request's inputs, and the number of prompt tokens they used."""
+        # Tokenizing a large request happens off the event loop (other callers keep batching).
         if inputs and isinstance(inputs[0], str):
-            ids = self.engine.tokenize(inputs)
+            ids = await asyncio.to_thread(self.engine.tokenize, inputs)
         else:
             ids = [self.engine.add_special_tokens(list(x)) for x in inputs]
-        # Check each request alone, so one bad request never fails the others in its batch.
-        try:
-            ids = self.engine.prepare(ids, truncate=truncate)
-            self.engine.check_dimensions(dimensions)
-        except ValueError as e:
-            raise InvalidRequestError(str(e), param="dimensions" if "dimensions" in str(e) else "input") from e
+        # Checked alone (typed 4xx errors), so one bad request never fails the others in its batch.
+        ids = self.engine.prepare(ids, truncate=truncate)
+        self.engine.check_dimensions(dimensions)
+        # A caller that leaves before its batch runs is dropped from it by Serve's batcher.
         vectors = await self._run_batch(_Job(ids, dimensions))
         return vectors, sum(len(x) for x in ids)
 

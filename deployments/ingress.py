@@ -9,17 +9,17 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import media_api, text_api
 from deployments.cluster_view import ClusterView, cluster_view
-from deployments.http import APIKeyMiddleware, error_response
+from deployments.http import APIKeyMiddleware, BodyLimitMiddleware, error_response, with_deadline
 from mlx_orchard.config import IngressOptions
 from mlx_orchard.engines.sampling import SamplingParams
-from mlx_orchard.errors import InvalidRequestError, ModelNotFoundError, OrchardError
+from mlx_orchard.errors import InvalidRequestError, ModelNotFoundError, OrchardError, RequestTimeoutError
 from mlx_orchard.protocol.chat import ChatCompletionRequest
 from mlx_orchard.protocol.common import ErrorBody, ErrorResponse, ModelCard, ModelList
 from mlx_orchard.protocol.completions import CompletionRequest
@@ -64,6 +64,19 @@ class Ingress:
                 param="model",
             )
         return route, self.handles[route.deployment]
+
+    async def bounded(self, work):
+        """Await a route's work under the request timeout: 504 before the answer starts, a
+        timeout error event once a stream has begun. Leaving early cancels the work."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.request_timeout_s
+        try:
+            response = await asyncio.wait_for(work, self.options.request_timeout_s)
+        except TimeoutError:
+            raise RequestTimeoutError("The request took longer than this server allows.") from None
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = with_deadline(response.body_iterator, deadline)
+        return response
 
     def model_list(self) -> ModelList:
         return ModelList(data=[ModelCard(id=name, family=r.family) for name, r in self.routes.items()])
@@ -112,25 +125,31 @@ def build_api(ingress: Ingress) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
         route, handle = ingress.route(req.model, "llm")
-        return await text_api.chat_completions(req, handle, route.sampling or SamplingParams())
+        return await ingress.bounded(text_api.chat_completions(req, handle, route.sampling or SamplingParams()))
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         route, handle = ingress.route(req.model, "llm")
-        return await text_api.completions(req, handle, route.sampling or SamplingParams())
+        return await ingress.bounded(text_api.completions(req, handle, route.sampling or SamplingParams()))
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse)
     async def embeddings(req: EmbeddingRequest):
-        return await media_api.embeddings(req, ingress)
+        return await ingress.bounded(media_api.embeddings(req, ingress))
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):
-        return await media_api.transcribe(request, ingress, "transcribe")
+        return await ingress.bounded(media_api.transcribe(request, ingress, "transcribe"))
 
     @app.post("/v1/audio/translations")
     async def translations(request: Request):
-        return await media_api.transcribe(request, ingress, "translate")
+        return await ingress.bounded(media_api.transcribe(request, ingress, "translate"))
 
+    # Bodies are limited while they are read, after the key check (no reading for strangers).
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=int(ingress.options.max_body_mb * 1e6),
+        max_upload_bytes=int(ingress.options.max_upload_mb * 1e6) + media_api.FORM_SLACK,
+    )
     if ingress.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=ingress.api_key)
     # Added last so it is outermost: preflights and error responses carry CORS headers too.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +17,9 @@ from mlx_orchard.config import LLMEntry
 from mlx_orchard.engines.llm import EngineStats, GenerationChunk, LLMEngine
 from mlx_orchard.engines.sampling import SamplingParams
 from mlx_orchard.models.registry import resolve_llm
-from mlx_orchard.runtime import mlx_uses_cpu_backend
+from mlx_orchard.runtime import mlx_uses_cpu_backend, physical_memory_bytes
+
+_GB = 1 << 30
 
 
 @dataclass
@@ -39,7 +43,16 @@ class LLMDeployment:
             prefill_step_size=entry.prefill_step_size,
             default_max_tokens=entry.default_max_tokens,
             prefix_cache_size=entry.prefix_cache_size,
+            prefix_cache_bytes=int(entry.prefix_cache_gb * _GB),
+            max_waiting=entry.max_waiting,
+            kv_cache_bytes=int(
+                (physical_memory_bytes() / 4) if entry.kv_cache_gb == "auto" else entry.kv_cache_gb * _GB
+            ),
         )
+        # Chat templating and tokenization of a large request run here, off the event loop
+        # (which streams every other request's tokens) and off the MLX thread. One thread:
+        # a fast tokenizer must not be used from two threads at once.
+        self._text = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orchard-llm-tokenize")
         context = serve.get_replica_context()
         node = ray.get_runtime_context().get_node_id()
         self.served_by = f"{context.deployment}#{context.replica_id.unique_id}@{node[:12]}"
@@ -67,16 +80,18 @@ class LLMDeployment:
         """Yields ``Accepted`` once the prompt passed its checks (so callers can answer 4xx
         before committing to a 200), then text chunks; with stream=False one final chunk."""
         if messages is not None:
-            ids = self.engine.encode_chat(messages)
+            ids = await self._off_loop(self.engine.encode_chat, messages)
         elif isinstance(prompt, str):
-            ids = self.engine.encode(prompt)
+            ids = await self._off_loop(self.engine.encode, prompt)
         else:
             ids = list(prompt or [])
         chunks = self.engine.generate(ids, params)  # raises here for a bad prompt
         self._requests.inc()
         yield Accepted(prompt_tokens=len(ids), served_by=self.served_by)
 
-        prefix = (prompt if isinstance(prompt, str) else self.engine.decode(ids)) if echo else ""
+        prefix = ""
+        if echo:
+            prefix = prompt if isinstance(prompt, str) else await self._off_loop(self.engine.decode, ids)
         start = time.perf_counter()
         parts: list[str] = [prefix]
         tokens: list[int] = []
@@ -101,14 +116,23 @@ class LLMDeployment:
             if generated:
                 self._tokens.inc(generated)
 
+    def _off_loop(self, fn, *args):
+        return asyncio.get_running_loop().run_in_executor(self._text, fn, *args)
+
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
-    def check_health(self) -> None:
-        if not self.engine.is_alive():
-            raise RuntimeError(f"the generation loop of {self.name!r} has stopped")
+    async def check_health(self) -> None:
+        # The loop thread answers between steps: a thread that is alive but stuck fails too.
+        try:
+            await self.engine.ping(timeout=20.0)
+        except Exception as e:
+            raise RuntimeError(f"the generation loop of {self.name!r} is not answering") from e
 
     def __del__(self):
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+        text = getattr(self, "_text", None)
+        if text is not None:
+            text.shutdown(wait=False, cancel_futures=True)

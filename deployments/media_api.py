@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
 
 from deployments.http import SSE_DONE, sse_event
 from mlx_orchard.errors import InvalidRequestError, PayloadTooLargeError
@@ -22,7 +23,7 @@ from mlx_orchard.protocol.audio import (
 )
 from mlx_orchard.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 
-_FORM_SLACK = 64 * 1024  # multipart headers and the small fields around the file
+FORM_SLACK = 64 * 1024  # multipart headers and the small fields around the file
 
 
 async def embeddings(req: EmbeddingRequest, ingress) -> Response:
@@ -35,11 +36,14 @@ async def embeddings(req: EmbeddingRequest, ingress) -> Response:
 
 async def _read_upload(request: Request, limit: int) -> tuple[bytes, TranscriptionForm]:
     length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit + _FORM_SLACK:
+    if length and length.isdigit() and int(length) > limit + FORM_SLACK:
         raise PayloadTooLargeError(f"the upload is larger than the {limit / 1e6:g} MB limit", param="file")
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise InvalidRequestError("send the audio as multipart/form-data with a `file` field", param="file")
-    form = await request.form(max_files=1, max_fields=32)
+    try:
+        form = await request.form(max_files=1, max_fields=32)
+    except MultiPartException as e:  # malformed multipart, too many parts or fields
+        raise InvalidRequestError(f"could not read the multipart form: {e.message}", param="file") from None
     try:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):

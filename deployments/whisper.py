@@ -45,10 +45,7 @@ class WhisperDeployment(BatchedFamily):
             samples = await asyncio.to_thread(decode_audio, audio, max_seconds=self.max_audio_seconds)
         except AudioDecodeError as e:
             raise InvalidRequestError(str(e), param="file", code="invalid_audio_format") from e
-        try:
-            language = self.engine.normalize_language(language)
-        except ValueError as e:
-            raise InvalidRequestError(str(e), param="language") from e
+        language = self.engine.normalize_language(language)
         clip = ClipRequest(samples, task, language, prompt or None, temperature, word_timestamps)
         if len(samples) <= N_SAMPLES:
             result = await self._run_batch(clip)

@@ -21,6 +21,8 @@ from scipy.signal import resample_poly
 SAMPLE_RATE = 16_000
 _BLOCK_FRAMES = 1 << 16
 _UNKNOWN_FRAMES = (1 << 63) - 1  # libsndfile's SF_COUNT_MAX: the length is not known
+MIN_RATE, MAX_RATE = 1_000, 384_000
+MAX_CHANNELS = 32
 
 
 class AudioDecodeError(ValueError):
@@ -70,8 +72,11 @@ def _decode_soundfile(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]
         raise AudioDecodeError(f"not a readable audio file ({exc})") from None
     with f:
         rate = f.samplerate
-        if rate <= 0:
-            raise AudioDecodeError("audio file declares no sample rate")
+        # Header values size the decode (frames x channels) and the resampler: bound them.
+        if not MIN_RATE <= rate <= MAX_RATE:
+            raise AudioDecodeError(f"sample rate {rate} Hz is outside {MIN_RATE}-{MAX_RATE} Hz")
+        if not 1 <= f.channels <= MAX_CHANNELS:
+            raise AudioDecodeError(f"{f.channels} channels; at most {MAX_CHANNELS} are supported")
         limit = math.floor(max_seconds * rate)
         # The header's frame count comes before any decoding: the decompression-bomb guard.
         if limit < f.frames < _UNKNOWN_FRAMES:
@@ -85,7 +90,7 @@ def _decode_soundfile(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]
                 block = f.read(min(_BLOCK_FRAMES, limit + 1 - read), dtype="float32", always_2d=True)
                 if len(block) == 0:
                     break
-                blocks.append(block)
+                blocks.append(block.mean(axis=1))  # mono per block: memory is frames, not x channels
                 read += len(block)
         except (sf.LibsndfileError, RuntimeError) as exc:
             raise AudioDecodeError(f"audio data is corrupt ({exc})") from None
@@ -93,7 +98,7 @@ def _decode_soundfile(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]
         raise AudioTooLongError(None, max_seconds)
     if not blocks:
         raise AudioDecodeError("audio file contains no samples")
-    return np.concatenate(blocks).mean(axis=1), rate
+    return np.concatenate(blocks), rate
 
 
 def _decode_ffmpeg(data: bytes, max_seconds: float) -> np.ndarray:

@@ -78,6 +78,13 @@ class LLMEntry(ModelEntry):
     prefill_step_size: int = Field(512, ge=16, description="prompt tokens per prefill chunk")
     default_max_tokens: int = Field(2048, ge=1)
     prefix_cache_size: int = Field(16, ge=0, description="finished sequences whose KV cache is kept for reuse")
+    prefix_cache_gb: float = Field(1.0, gt=0, description="bytes the prefix cache may hold, in GB")
+    kv_cache_gb: float | Literal["auto"] = Field(
+        "auto",
+        description="KV-cache memory the running sequences may grow to; a sequence is admitted only when "
+        "its prompt + max_tokens fit (auto: a quarter of the machine's memory)",
+    )
+    max_waiting: int = Field(256, ge=1, description="sequences waiting for a batch slot; beyond, 503")
     sampling: SamplingDefaults = SamplingDefaults()
 
 
@@ -121,6 +128,8 @@ class IngressOptions(Strict):
     )
     cors_origins: list[str] = ["*"]
     max_upload_mb: float = Field(25.0, gt=0, description="largest audio upload; bigger gets 413")
+    max_body_mb: float = Field(16.0, gt=0, description="largest JSON request body; bigger gets 413")
+    request_timeout_s: float = Field(600.0, gt=0, description="a request still unanswered after this gets 504")
     deployment: DeploymentOptions = DeploymentOptions()
 
 

@@ -1,7 +1,9 @@
 """Errors that carry their OpenAI shape: HTTP status, ``type``, ``code`` and ``param``.
 
-Engines raise them (or plain ``ValueError``) and the ingress turns every failure into
-``{"error": {"message", "type", "param", "code"}}`` in one place.
+Engines and deployments raise them; the ingress turns every failure into
+``{"error": {"message", "type", "param", "code"}}`` in one place. Only these typed errors
+reach a client as 4xx: any other exception (an MLX or numpy ``ValueError`` included) is an
+internal fault, answered 500 with its details kept in the log.
 """
 
 from __future__ import annotations
@@ -59,3 +61,23 @@ class ServiceUnavailableError(OrchardError):
     status_code = 503
     type = "server_error"
     code = "service_unavailable"
+
+
+class OverloadedError(ServiceUnavailableError):
+    """A bounded queue is full: the caller should retry after ``Retry-After`` seconds."""
+
+    code = "overloaded"
+
+
+class RequestTimeoutError(OrchardError):
+    status_code = 504
+    type = "server_error"
+    code = "timeout"
+
+
+class EngineError(OrchardError):
+    """The model failed while working on this request (the replica itself carries on)."""
+
+    status_code = 500
+    type = "server_error"
+    code = "engine_error"

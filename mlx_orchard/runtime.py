@@ -42,3 +42,13 @@ def replica_env_vars(blas_setting: str, extra: dict[str, str]) -> dict[str, str]
     if lib and "LD_PRELOAD" not in env:
         env["LD_PRELOAD"] = lib
     return env
+
+
+def physical_memory_bytes() -> int:
+    """The machine's memory (unified memory on a Mac): what a replica's budgets are cut from."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):  # not reported: assume a small machine
+        return 8 << 30

@@ -15,6 +15,8 @@ import numpy as np
 from mlx_embeddings.utils import load_model
 from tokenizers import Tokenizer
 
+from mlx_orchard.errors import InvalidRequestError
+
 # Pooling modes in the order sentence-transformers concatenates them.
 _POOLING_KEYS = {
     "pooling_mode_cls_token": "cls",
@@ -24,7 +26,7 @@ _POOLING_KEYS = {
 }
 
 
-class InputTooLongError(ValueError):
+class InputTooLongError(InvalidRequestError):
     """An input has more tokens than the model accepts and truncation was not requested."""
 
 
@@ -136,16 +138,19 @@ class EmbeddingEngine:
 
     def _fit(self, ids: list[int], index: int, truncate: bool) -> list[int]:
         if not ids:
-            raise ValueError(f"input {index} is empty")
-        if not all(0 <= t < self.vocab_size for t in ids):
-            raise ValueError(f"input {index} has token ids outside the vocabulary [0, {self.vocab_size})")
+            raise InvalidRequestError(f"input {index} is empty", param="input")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise InvalidRequestError(
+                f"input {index} has token ids outside the vocabulary [0, {self.vocab_size})", param="input"
+            )
         limit = self.max_input_tokens
         if len(ids) <= limit:
             return ids
         if not truncate:
             raise InputTooLongError(
                 f"input {index} has {len(ids)} tokens, more than this model's limit of {limit}; "
-                "shorten it or request truncation"
+                "shorten it or request truncation",
+                param="input",
             )
         # Keep the special tokens at both ends, cut the body (as sentence-transformers does).
         head = self._prefix if ids[: len(self._prefix)] == self._prefix else []
@@ -162,9 +167,13 @@ class EmbeddingEngine:
         if dimensions is None:
             return
         if not self.supports_dimensions:
-            raise ValueError(f"model {self.model_dir.name} does not support the dimensions parameter")
+            raise InvalidRequestError(
+                f"model {self.model_dir.name} does not support the dimensions parameter", param="dimensions"
+            )
         if not 0 < dimensions <= self.dimensions:
-            raise ValueError(f"dimensions must be between 1 and {self.dimensions}, got {dimensions}")
+            raise InvalidRequestError(
+                f"dimensions must be between 1 and {self.dimensions}, got {dimensions}", param="dimensions"
+            )
 
     # -- embeddings -----------------------------------------------------------------------
 

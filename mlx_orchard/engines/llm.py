@@ -4,6 +4,17 @@ One dedicated thread owns the model and the batch: it admits new sequences and
 drops cancelled ones between steps, so requests join and leave the running batch
 at every step. Callers live on an asyncio loop and receive typed chunks through
 ``asyncio.Queue``s fed with ``call_soon_threadsafe``. No Ray here.
+
+Hardening, since MLX checks no bounds and one replica serves everyone:
+- every client value that becomes an index or a size (token ids, ``logit_bias`` keys,
+  ``top_k``, ``seed``, lengths) is checked here, against the model's own limits, before
+  it reaches MLX (``check_request``);
+- a sequence whose sampler or logits processor raises fails alone; a step that fails
+  as a whole is retried for the sequences in it (each re-prefills its prompt and the
+  tokens it already produced), and a sequence caught in two failed steps fails;
+- the prefix cache only takes the KV of sequences that finished in a successful step;
+- waiting sequences are bounded in count, running ones by the KV-cache bytes they may
+  grow to; nothing on the engine thread can end it silently.
 """
 
 from __future__ import annotations
@@ -11,22 +22,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-from collections import deque
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
+import mlx.core as mx
+from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache, trim_prompt_cache
 
 from mlx_orchard.engines.detokenize import IncrementalDetokenizer
 from mlx_orchard.engines.sampling import SamplingParams, build_logits_processors, build_sampler
 from mlx_orchard.engines.stopping import StopStringFilter
-from mlx_orchard.errors import ContextLengthExceededError, InvalidRequestError, ServiceUnavailableError
+from mlx_orchard.errors import (
+    ContextLengthExceededError,
+    EngineError,
+    InvalidRequestError,
+    OverloadedError,
+    ServiceUnavailableError,
+)
 
 logger = logging.getLogger("orchard.llm")
 _MODEL_KEY = 0  # the prefix cache is per engine, which serves one model
+_MAX_LOGIT_BIAS = 1024  # entries per request; OpenAI allows 300
 
 
 @dataclass
@@ -48,26 +67,41 @@ class EngineStats:
     steps: int
     generated_tokens: int
     alive: bool
+    failed_steps: int = 0
+    kv_reserved_bytes: int = 0  # what the running sequences may grow to
+    kv_budget_bytes: int | None = None
+    prefix_cache_bytes: int = 0
 
 
-@dataclass
+# eq=False: sequences are found (in the pending deque, on cancel) by identity, never by value.
+@dataclass(eq=False)
 class _Sequence:
     prompt: list[int]
     params: SamplingParams
     max_tokens: int
+    reserve: int  # KV-cache bytes this sequence may grow to
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     uid: int | None = None
     detokenizer: IncrementalDetokenizer | None = None
     stops: StopStringFilter | None = None
+    sampler: Callable | None = None  # built once, so a seeded key chain survives a retried step
+    processors: list | None = None
     completion_tokens: int = 0
     cached_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
-    started: bool = False  # has produced its first token
+    prefilling: bool = False  # admitted (or re-admitted), waiting for its next token
+    failures: int = 0  # failed steps this sequence was part of
+    error: BaseException | None = None  # raised by its own sampler or logits processor
     done: bool = False
 
-    def emit(self, item: GenerationChunk | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+    def emit(self, item: GenerationChunk | BaseException) -> bool:
+        """Hand an item to the caller's loop; False when that loop is gone (caller left)."""
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+            return True
+        except RuntimeError:  # the event loop is closed
+            return False
 
 
 class LLMEngine:
@@ -80,6 +114,9 @@ class LLMEngine:
         prefill_step_size: int = 512,
         default_max_tokens: int = 2048,
         prefix_cache_size: int = 16,
+        prefix_cache_bytes: int = 1 << 30,
+        max_waiting: int = 256,
+        kv_cache_bytes: int | None = None,
     ):
         self.model_path = str(model_path)
         self.max_batch_size = max_batch_size
@@ -87,12 +124,16 @@ class LLMEngine:
         self.prefill_step_size = prefill_step_size
         self.default_max_tokens = default_max_tokens
         self.prefix_cache_size = prefix_cache_size
+        self.prefix_cache_bytes = prefix_cache_bytes
+        self.max_waiting = max_waiting
+        self.kv_budget = kv_cache_bytes
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._running: dict[int, _Sequence] = {}
         self._pending: deque[_Sequence] = deque()  # received, not yet in the BatchGenerator
-        self._prefilling = 0  # admitted sequences still waiting for their first token
         self._waiting = 0
+        self._reserved = 0  # KV bytes reserved by running sequences
         self._steps = 0
+        self._failed_steps = 0
         self._generated = 0
         self._fatal: BaseException | None = None
         self._stopping = False
@@ -113,7 +154,10 @@ class LLMEngine:
         self.context_length = int(
             config.get("max_position_embeddings") or config.get("max_seq_len") or 4096
         )
+        # The rows of the embedding and of the logits: the bound for every token id.
+        self.vocab_size = int(config.get("vocab_size") or len(self.tokenizer.vocab))
         self.eos_token_ids = set(self.tokenizer.eos_token_ids)
+        self.kv_bytes_per_token = self._measure_kv_bytes_per_token()
         self._make_generator = lambda: BatchGenerator(
             self.model,
             stop_tokens=[[t] for t in self.eos_token_ids],
@@ -124,9 +168,25 @@ class LLMEngine:
         self._generator = self._make_generator()
         # KV caches of finished sequences, found again by longest common token prefix: chat
         # requests share their system prompt, and a conversation's next turn extends the last.
-        self._prefix_cache = LRUPromptCache(max_size=self.prefix_cache_size) if self.prefix_cache_size else None
+        self._prefix_cache = (
+            LRUPromptCache(max_size=self.prefix_cache_size, max_bytes=self.prefix_cache_bytes)
+            if self.prefix_cache_size
+            else None
+        )
 
-    # ---- tokenization (callers' threads: the tokenizer is not MLX) ----
+    def _measure_kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token adds, measured on a real cache (every architecture's own)."""
+        cache = make_prompt_cache(self.model)
+        self.model(mx.array([[0, 0]]), cache=cache)
+        mx.eval([c.state for c in cache])
+        per_token = 0
+        for c in cache:
+            keys = getattr(c, "keys", None)
+            if keys is not None and keys.ndim >= 3 and keys.shape[-2]:
+                per_token += c.nbytes // keys.shape[-2]
+        return max(per_token, 1)
+
+    # ---- tokenization (a caller's thread: the tokenizer is not MLX) ----
 
     def encode_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -147,11 +207,34 @@ class LLMEngine:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
 
-    def check_prompt(self, prompt: Sequence[int], params: SamplingParams) -> int:
-        """Validate lengths before queueing; returns the effective max_tokens."""
+    # ---- checks: every client value that becomes an index or a size inside MLX ----
+
+    def check_request(self, prompt: Sequence[int], params: SamplingParams) -> tuple[int, SamplingParams]:
+        """Validate a request against this model's limits before anything is queued.
+
+        Returns the effective max_tokens and the params to run (``top_k`` past the
+        vocabulary means no cut, ``seed`` folded into MLX's 64-bit key).
+        """
         n = len(prompt)
         if n == 0:
             raise InvalidRequestError("the prompt is empty", param="prompt")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise InvalidRequestError(
+                f"the prompt has token ids outside this model's vocabulary [0, {self.vocab_size})",
+                param="prompt",
+            )
+        if len(params.logit_bias) > _MAX_LOGIT_BIAS:
+            raise InvalidRequestError(f"logit_bias has more than {_MAX_LOGIT_BIAS} entries", param="logit_bias")
+        bad = [t for t, _ in params.logit_bias if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"logit_bias names token ids outside this model's vocabulary [0, {self.vocab_size}): {bad[:5]}",
+                param="logit_bias",
+            )
+        if params.top_k >= self.vocab_size:
+            params = params.with_changes(top_k=0)  # keeping every token is no cut at all
+        if params.seed is not None and not 0 <= params.seed < 1 << 64:
+            params = params.with_changes(seed=params.seed % (1 << 64))
         room = self.context_length - n
         if room <= 0:
             raise ContextLengthExceededError(
@@ -160,14 +243,25 @@ class LLMEngine:
                 param="messages",
             )
         if params.max_tokens is None:
-            return min(room, self.default_max_tokens)
-        if params.max_tokens > room:
+            max_tokens = min(room, self.default_max_tokens)
+        elif params.max_tokens > room:
             raise ContextLengthExceededError(
                 f"This model's maximum context length is {self.context_length} tokens. "
                 f"The prompt has {n} tokens and max_tokens asks for {params.max_tokens} more.",
                 param="max_tokens",
             )
-        return params.max_tokens
+        elif params.max_tokens < 1:
+            raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
+        else:
+            max_tokens = params.max_tokens
+        if self.kv_budget is not None and (n + max_tokens) * self.kv_bytes_per_token > self.kv_budget:
+            fits = self.kv_budget // self.kv_bytes_per_token
+            raise ContextLengthExceededError(
+                f"The prompt ({n} tokens) and max_tokens ({max_tokens}) need more KV-cache memory than "
+                f"this replica has ({fits} tokens in all); lower max_tokens or shorten the prompt.",
+                param="max_tokens",
+            )
+        return max_tokens, params
 
     # ---- the asyncio side ----
 
@@ -176,7 +270,9 @@ class LLMEngine:
         of chunks; closing the stream early removes the sequence from the batch."""
         if not self.is_alive():
             raise ServiceUnavailableError("the generation loop is not running")
-        max_tokens = self.check_prompt(prompt, params)
+        max_tokens, params = self.check_request(prompt, params)
+        if self._waiting + len(self._pending) >= self.max_waiting:
+            raise OverloadedError("The model has too many requests waiting; retry shortly.")
         return self._stream(list(prompt), params, max_tokens)
 
     async def _stream(self, prompt: list[int], params: SamplingParams, max_tokens: int) -> AsyncIterator[GenerationChunk]:
@@ -184,6 +280,7 @@ class LLMEngine:
             prompt=prompt,
             params=params,
             max_tokens=max_tokens,
+            reserve=(len(prompt) + max_tokens) * self.kv_bytes_per_token,
             loop=asyncio.get_running_loop(),
             out=asyncio.Queue(),
         )
@@ -215,6 +312,15 @@ class LLMEngine:
             if not seq.done:
                 self._commands.put(("cancel", seq))
 
+    async def ping(self, timeout: float) -> None:
+        """Return once the engine thread has come round its loop; raise if it does not in time."""
+        if not self.is_alive():
+            raise RuntimeError("the generation loop has stopped")
+        loop = asyncio.get_running_loop()
+        answered = loop.create_future()
+        self._commands.put(("ping", (loop, answered)))
+        await asyncio.wait_for(answered, timeout)
+
     def stats(self) -> EngineStats:
         return EngineStats(
             running=len(self._running),
@@ -222,6 +328,10 @@ class LLMEngine:
             steps=self._steps,
             generated_tokens=self._generated,
             alive=self.is_alive(),
+            failed_steps=self._failed_steps,
+            kv_reserved_bytes=self._reserved,
+            kv_budget_bytes=self.kv_budget,
+            prefix_cache_bytes=self._prefix_cache.nbytes if self._prefix_cache is not None else 0,
         )
 
     def is_alive(self) -> bool:
@@ -242,24 +352,62 @@ class LLMEngine:
             self._loaded.set()
             return
         self._loaded.set()
-        while not self._stopping:
-            self._take_commands(block=not self._running and not self._pending)
-            self._admit_pending()
-            if not self._running:
+        try:
+            while not self._stopping:
+                try:
+                    self._iterate()
+                except Exception as e:  # noqa: BLE001 - admission, cache or hand-off: recover
+                    self._recover(e)
+        except BaseException as e:  # the loop cannot go on: say so to everyone waiting
+            logger.critical("the generation loop stopped", exc_info=e)
+            self._fatal = e
+            error = ServiceUnavailableError("the model replica stopped; retry shortly")
+            for seq in [*self._running.values(), *self._pending]:
+                seq.emit(error)
+            raise
+
+    def _iterate(self) -> None:
+        self._take_commands(block=not self._running and not self._pending)
+        self._admit_pending()
+        if not self._running:
+            return
+        _, responses = self._generator.next()
+        self._steps += 1
+        for r in responses:
+            seq = self._running.get(r.uid)
+            if seq is None:  # cancelled while this step ran
                 continue
-            try:
-                _, responses = self._generator.next()
-            except Exception as e:
-                # One bad step must not take the replica down: fail this batch, start afresh.
-                logger.exception("generation step failed")
-                self._fail_all(e)
-                self._generator = self._make_generator()
-                continue
-            self._steps += 1
-            for r in responses:
-                self._on_token(r.uid, r.token, r.finish_reason)
-                if r.finish_reason and self._prefix_cache is not None:
-                    self._prefix_cache.insert_cache(_MODEL_KEY, list(r.all_tokens), r.prompt_cache)
+            self._on_token(seq, r.token, r.finish_reason)
+            if r.finish_reason and self._prefix_cache is not None:
+                self._remember(list(r.all_tokens), r.prompt_cache)
+        self._fail_poisoned()
+
+    def _remember(self, tokens: list[int], cache: list) -> None:
+        try:
+            self._prefix_cache.insert_cache(_MODEL_KEY, tokens, cache)
+        except Exception:  # noqa: BLE001 - a cache that cannot take an entry serves without it
+            logger.exception("prefix cache insert failed; clearing the cache")
+            self._prefix_cache = LRUPromptCache(max_size=self.prefix_cache_size, max_bytes=self.prefix_cache_bytes)
+
+    def _recover(self, error: BaseException) -> None:
+        """A step (or the bookkeeping around it) failed: start a fresh generator and re-admit
+        the running sequences, each re-prefilling what it has so far. A sequence that was in
+        two failed steps is failed, so one poisoned request cannot stall the others forever."""
+        self._failed_steps += 1
+        logger.error("generation step failed; retrying its %d sequences", len(self._running), exc_info=error)
+        survivors = list(self._running.values())
+        self._running.clear()
+        self._reserved = 0
+        self._generator = self._make_generator()
+        retry = []
+        for seq in survivors:
+            seq.uid = None
+            seq.failures += 1
+            if seq.failures >= 2:
+                self._finish_with_error(seq, EngineError("The model failed while generating this answer."))
+            else:
+                retry.append(seq)
+        self._pending.extendleft(reversed(retry))  # ahead of the newcomers
 
     def _take_commands(self, block: bool) -> None:
         while True:
@@ -275,13 +423,22 @@ class LLMEngine:
                 self._waiting -= 1
                 self._pending.append(seq)
             elif kind == "cancel":
-                if seq in self._pending:
-                    self._pending.remove(seq)
-                elif seq.uid is not None and self._running.pop(seq.uid, None) is not None:
-                    self._generator.remove([seq.uid])
-                    if not seq.started:
-                        self._prefilling -= 1
-                seq.done = True
+                self._drop(seq)
+            elif kind == "ping":
+                loop, answered = seq
+                try:
+                    loop.call_soon_threadsafe(lambda f=answered: f.done() or f.set_result(None))
+                except RuntimeError:  # the asker's loop is gone
+                    pass
+
+    def _drop(self, seq: _Sequence) -> None:
+        """Forget a sequence wherever it is (its caller left or it failed)."""
+        if seq in self._pending:
+            self._pending.remove(seq)
+        elif seq.uid is not None and self._running.pop(seq.uid, None) is not None:
+            self._reserved -= seq.reserve
+            self._generator.remove([seq.uid])
+        seq.done = True
 
     def _admit_pending(self) -> None:
         """Admit waiting sequences once the previous group has its first tokens.
@@ -289,50 +446,85 @@ class LLMEngine:
         BatchGenerator returns a step's tokens only after that step's prefill work, so
         admitting more prompts before the previous group's first tokens are out would make
         every earlier request wait for every later request's prefill (TTFT p50 = p95).
+        A sequence also waits until the KV-cache bytes it may grow to fit the budget.
         """
-        if not self._pending or self._prefilling:
+        if not self._pending or any(s.prefilling for s in self._running.values()):
             return
         room = min(self.prefill_batch_size, self.max_batch_size - len(self._running))
-        group = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+        group: list[_Sequence] = []
+        reserved = self._reserved
+        while self._pending and len(group) < room:
+            seq = self._pending[0]
+            if self.kv_budget is not None and reserved + seq.reserve > self.kv_budget and (group or self._running):
+                break  # first come, first served: wait for memory rather than skip ahead
+            group.append(self._pending.popleft())
+            reserved += seq.reserve
         if group:
             self._admit(group)
 
-    def _cached_prefix(self, prompt: list[int]) -> tuple[list | None, list[int]]:
-        """A copy of the longest cached KV prefix of ``prompt``, and the tokens still to prefill."""
+    def _cached_prefix(self, tokens: list[int]) -> tuple[list | None, list[int]]:
+        """A copy of the longest cached KV prefix of ``tokens``, and the tokens still to prefill."""
         if self._prefix_cache is None:
-            return None, prompt
-        cache, rest = self._prefix_cache.fetch_nearest_cache(_MODEL_KEY, prompt)
+            return None, tokens
+        try:
+            cache, rest = self._prefix_cache.fetch_nearest_cache(_MODEL_KEY, tokens)
+        except Exception:  # noqa: BLE001 - a lookup that fails is a miss
+            logger.exception("prefix cache lookup failed")
+            return None, tokens
         if cache is not None and not rest:  # exact hit: re-run the last token for its logits
             trim_prompt_cache(cache, 1)
-            rest = prompt[-1:]
+            rest = tokens[-1:]
         return cache, rest
 
-    def _admit(self, seqs: list[_Sequence]) -> None:
-        caches, rests = zip(*(self._cached_prefix(s.prompt) for s in seqs))
-        uids = self._generator.insert(
-            list(rests),
-            caches=list(caches),
-            all_tokens=[s.prompt[: len(s.prompt) - len(rest)] for s, rest in zip(seqs, rests)],
-            max_tokens=[s.max_tokens for s in seqs],
-            samplers=[build_sampler(s.params) for s in seqs],
-            logits_processors=[build_logits_processors(s.params) for s in seqs],
-        )
-        self._prefilling += len(seqs)
-        for uid, seq, rest in zip(uids, seqs, rests):
-            seq.uid = uid
-            seq.cached_tokens = len(seq.prompt) - len(rest)
+    def _prepare(self, seq: _Sequence) -> None:
+        """Per-sequence state, built once (a retried sequence keeps its sampler's key chain)."""
+        if seq.sampler is None and seq.processors is None:
+            sampler = build_sampler(seq.params)
+            seq.sampler = None if sampler is None else _guarded_sampler(seq, sampler)
+            seq.processors = [_guarded_processor(seq, p) for p in build_logits_processors(seq.params)]
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
             seq.stops = StopStringFilter(seq.params.stop)
-            self._running[uid] = seq
 
-    def _on_token(self, uid: int, token: int, finish_reason: str | None) -> None:
-        seq = self._running.get(uid)
-        if seq is None:  # cancelled while this step ran
+    def _admit(self, seqs: list[_Sequence]) -> None:
+        ready = []
+        for seq in seqs:
+            try:
+                self._prepare(seq)
+            except Exception as e:  # noqa: BLE001 - this request's own parameters failed
+                logger.exception("could not prepare a sequence")
+                self._finish_with_error(seq, EngineError(f"could not start generation: {type(e).__name__}"))
+            else:
+                ready.append(seq)
+        if not ready:
             return
+        # A re-admitted sequence continues from everything it has produced so far.
+        tokens = [s.prompt + s.token_ids for s in ready]
+        caches, rests = zip(*(self._cached_prefix(t) for t in tokens))
+        try:
+            uids = self._generator.insert(
+                list(rests),
+                caches=list(caches),
+                all_tokens=[t[: len(t) - len(rest)] for t, rest in zip(tokens, rests)],
+                max_tokens=[s.max_tokens - s.completion_tokens for s in ready],
+                samplers=[s.sampler for s in ready],
+                logits_processors=[s.processors for s in ready],
+            )
+        except Exception:  # noqa: BLE001 - insert checks before it changes any state
+            logger.exception("could not insert %d sequences", len(ready))
+            for seq in ready:
+                self._finish_with_error(seq, EngineError("could not start generation"))
+            return
+        for uid, seq, rest in zip(uids, ready, rests):
+            seq.uid = uid
+            seq.prefilling = True
+            if not seq.completion_tokens:
+                seq.cached_tokens = len(seq.prompt) - len(rest)
+            self._running[uid] = seq
+            self._reserved += seq.reserve
+
+    def _on_token(self, seq: _Sequence, token: int, finish_reason: str | None) -> None:
         self._generated += 1
-        if not seq.started:
-            seq.started = True
-            self._prefilling -= 1
+        seq.prefilling = False
         seq.completion_tokens += 1
         seq.token_ids.append(token)
         eos = finish_reason == "stop" and token in self.eos_token_ids
@@ -342,11 +534,12 @@ class LLMEngine:
         text = seq.stops.feed(text)
         if seq.stops.stopped:
             finish_reason = "stop"
-            self._generator.remove([uid])
+            self._generator.remove([seq.uid])
         elif finish_reason:
             text += seq.stops.flush()
         if finish_reason:
-            del self._running[uid]
+            del self._running[seq.uid]
+            self._reserved -= seq.reserve
             seq.done = True
         chunk = GenerationChunk(
             text=text,
@@ -356,12 +549,37 @@ class LLMEngine:
             finish_reason=finish_reason,
             cached_tokens=seq.cached_tokens,
         )
-        seq.emit(chunk)
+        if not seq.emit(chunk) and not seq.done:  # the caller's loop is gone: stop its work
+            self._drop(seq)
 
-    def _fail_all(self, error: BaseException) -> None:
-        for seq in self._running.values():
-            seq.done = True
-            seq.emit(error)
-        self._running.clear()
-        self._prefilling = 0
+    def _fail_poisoned(self) -> None:
+        """Sequences whose own sampler or processor raised this step leave the batch alone."""
+        for seq in [s for s in self._running.values() if s.error is not None]:
+            logger.error("a sequence failed in its sampler or logits processor", exc_info=seq.error)
+            self._finish_with_error(seq, EngineError("The model failed while sampling this answer."))
 
+    def _finish_with_error(self, seq: _Sequence, error: BaseException) -> None:
+        self._drop(seq)
+        seq.emit(error)
+
+
+def _guarded_sampler(seq: _Sequence, sampler: Callable) -> Callable:
+    def sample(logprobs: mx.array) -> mx.array:
+        try:
+            return sampler(logprobs)
+        except Exception as e:  # noqa: BLE001 - fail this sequence, not the batch
+            seq.error = seq.error or e
+            return mx.argmax(logprobs, axis=-1)
+
+    return sample
+
+
+def _guarded_processor(seq: _Sequence, processor: Callable) -> Callable:
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        try:
+            return processor(tokens, logits)
+        except Exception as e:  # noqa: BLE001 - fail this sequence, not the batch
+            seq.error = seq.error or e
+            return logits
+
+    return process

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import mlx.core as mx
@@ -30,6 +30,9 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def with_changes(self, **changes) -> SamplingParams:
+        return replace(self, **changes)
 
 
 def build_sampler(params: SamplingParams) -> Sampler | None:

@@ -30,6 +30,8 @@ from mlx_whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, Tokenizer, get_to
 from mlx_whisper.transcribe import ModelHolder
 from mlx_whisper.transcribe import transcribe as sliding_transcribe
 
+from mlx_orchard.errors import InvalidRequestError
+
 Task = Literal["transcribe", "translate"]
 _TIME_PRECISION = 0.02  # seconds per timestamp token
 # transcribe()'s defaults for dropping a silent window, applied to the batched path too.
@@ -122,7 +124,7 @@ class WhisperEngine:
         return results  # type: ignore[return-value]
 
     def normalize_language(self, language: str | None) -> str | None:
-        """The ISO code for ``language``, or ValueError if this model cannot handle it.
+        """The ISO code for ``language``, or InvalidRequestError if this model cannot handle it.
 
         ``transcribe`` raises for the whole call on a bad clip; a caller that batches
         requests (``@serve.batch``) should check each request with this first.
@@ -132,9 +134,11 @@ class WhisperEngine:
         code = language.lower()
         code = TO_LANGUAGE_CODE.get(code, code)
         if code not in LANGUAGES:
-            raise ValueError(f"unsupported language {language!r}")
+            raise InvalidRequestError(f"unsupported language {language!r}", param="language")
         if not self.multilingual and code != "en":
-            raise ValueError(f"this Whisper model is English-only and cannot transcribe {LANGUAGES[code]}")
+            raise InvalidRequestError(
+                f"this Whisper model is English-only and cannot transcribe {LANGUAGES[code]}", param="language"
+            )
         return code
 
     def _options(self, clip: ClipRequest) -> DecodingOptions:

@@ -16,8 +16,8 @@ class TranscriptionForm(OpenAIRequest):
     """The multipart fields besides ``file``."""
 
     model: str
-    language: str | None = None
-    prompt: str | None = None
+    language: str | None = Field(None, max_length=64)
+    prompt: str | None = Field(None, max_length=8192)  # Whisper keeps the last 223 tokens of it
     response_format: ResponseFormat = "json"
     temperature: float = Field(0.0, ge=0.0, le=1.0)
     timestamp_granularities: list[Literal["word", "segment"]] = ["segment"]

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
 from mlx_orchard.errors import InvalidRequestError
 from mlx_orchard.protocol.common import OpenAIRequest, OpenAIResponse, Usage
 from mlx_orchard.protocol.sampling import SamplingRequest
+
+
+_MAX_PARTS = 1024  # content parts per message
 
 
 class TextPart(BaseModel):
@@ -20,8 +23,8 @@ class TextPart(BaseModel):
 
 class ChatMessage(OpenAIRequest):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart | dict[str, Any]] | None = None
-    name: str | None = None
+    content: str | Annotated[list[TextPart | dict[str, Any]], Field(max_length=_MAX_PARTS)] | None = None
+    name: str | None = Field(None, max_length=256)
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -39,7 +42,7 @@ class ChatMessage(OpenAIRequest):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=8192)
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1, description="deprecated alias of max_completion_tokens")
 

@@ -14,7 +14,8 @@ logger = logging.getLogger("orchard.protocol")
 class OpenAIRequest(BaseModel):
     """Base for request bodies: unknown fields are accepted (clients send many) and logged."""
 
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    # NaN and Infinity (which Python's JSON parser accepts) never pass as numbers.
+    model_config = ConfigDict(extra="allow", protected_namespaces=(), allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _log_unknown_fields(self):

@@ -8,23 +8,27 @@ from mlx_orchard.engines.sampling import SamplingParams
 from mlx_orchard.protocol.common import OpenAIRequest, StreamOptions, stop_list
 
 
+_MAX_STOP_CHARS = 1024
+
+
 class SamplingRequest(OpenAIRequest):
     model: str
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[int, float] | None = None
+    # Keys are token ids: the engine checks them against the model's vocabulary.
+    logit_bias: dict[int, float] | None = Field(None, max_length=300)
     n: int = Field(1, ge=1, le=16)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's: a 64-bit integer
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    user: str | None = None
+    user: str | None = Field(None, max_length=512)
     # Common extensions (vLLM, mlx-lm): accepted because many clients send them.
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     # Accepted so clients that send them switched off work; switched on they are refused
     # (an empty answer would look like support).
     logprobs: bool | int | None = None
@@ -44,8 +48,11 @@ class SamplingRequest(OpenAIRequest):
     @field_validator("stop")
     @classmethod
     def _few_stops(cls, v):
-        if isinstance(v, list) and len(v) > 16:
+        items = [v] if isinstance(v, str) else v or []
+        if len(items) > 16:
             raise ValueError("at most 16 stop sequences")
+        if any(len(s) > _MAX_STOP_CHARS for s in items):
+            raise ValueError(f"each stop sequence is at most {_MAX_STOP_CHARS} characters")
         return v
 
     @field_validator("logit_bias")
