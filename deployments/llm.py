@@ -45,6 +45,7 @@ class LLMDeployment:
             prefix_cache_size=entry.prefix_cache_size,
             prefix_cache_bytes=int(entry.prefix_cache_gb * _GB),
             max_waiting=entry.max_waiting,
+            max_queue_wait_s=entry.max_queue_wait_s,
             kv_cache_bytes=int(
                 (physical_memory_bytes() / 4) if entry.kv_cache_gb == "auto" else entry.kv_cache_gb * _GB
             ),
@@ -77,8 +78,9 @@ class LLMDeployment:
         stream: bool = True,
         echo: bool = False,
     ) -> AsyncIterator[Accepted | GenerationChunk]:
-        """Yields ``Accepted`` once the prompt passed its checks (so callers can answer 4xx
-        before committing to a 200), then text chunks; with stream=False one final chunk."""
+        """Yields ``Accepted`` once the prompt passed its checks and joined the batch (so callers
+        can answer 4xx/503 before committing to a 200), then text chunks; with stream=False
+        one final chunk."""
         if messages is not None:
             ids = await self._off_loop(self.engine.encode_chat, messages)
         elif isinstance(prompt, str):
@@ -86,6 +88,9 @@ class LLMDeployment:
         else:
             ids = list(prompt or [])
         chunks = self.engine.generate(ids, params)  # raises here for a bad prompt
+        # Accepted once the sequence is in the batch: a request shed from the queue still gets
+        # a 503 status rather than an error event inside a 200 stream.
+        await chunks.admitted()
         self._requests.inc()
         yield Accepted(prompt_tokens=len(ids), served_by=self.served_by)
 
@@ -112,6 +117,7 @@ class LLMDeployment:
                         chunk.text, chunk.token_ids = "".join(parts), tokens
                         yield chunk
         finally:
+            await chunks.aclose()
             # Counted once per request, not per chunk: the metric stays off the token path.
             if generated:
                 self._tokens.inc(generated)

@@ -85,6 +85,9 @@ class LLMEntry(ModelEntry):
         "its prompt + max_tokens fit (auto: a quarter of the machine's memory)",
     )
     max_waiting: int = Field(256, ge=1, description="sequences waiting for a batch slot; beyond, 503")
+    max_queue_wait_s: float | None = Field(
+        20.0, gt=0, description="a sequence not in the batch after this long is shed with 503 (None: never)"
+    )
     sampling: SamplingDefaults = SamplingDefaults()
 
 

@@ -23,8 +23,9 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -46,6 +47,7 @@ from mlx_orchard.errors import (
 logger = logging.getLogger("orchard.llm")
 _MODEL_KEY = 0  # the prefix cache is per engine, which serves one model
 _MAX_LOGIT_BIAS = 1024  # entries per request; OpenAI allows 300
+_ADMITTED = object()  # queued to a caller when its sequence joins the batch
 
 
 @dataclass
@@ -94,6 +96,8 @@ class _Sequence:
     failures: int = 0  # failed steps this sequence was part of
     error: BaseException | None = None  # raised by its own sampler or logits processor
     done: bool = False
+    queued_at: float = 0.0
+    admitted: bool = False  # has joined the batch once (told to the caller)
 
     def emit(self, item: GenerationChunk | BaseException) -> bool:
         """Hand an item to the caller's loop; False when that loop is gone (caller left)."""
@@ -116,6 +120,7 @@ class LLMEngine:
         prefix_cache_size: int = 16,
         prefix_cache_bytes: int = 1 << 30,
         max_waiting: int = 256,
+        max_queue_wait_s: float | None = None,
         kv_cache_bytes: int | None = None,
     ):
         self.model_path = str(model_path)
@@ -126,6 +131,7 @@ class LLMEngine:
         self.prefix_cache_size = prefix_cache_size
         self.prefix_cache_bytes = prefix_cache_bytes
         self.max_waiting = max_waiting
+        self.max_queue_wait_s = max_queue_wait_s
         self.kv_budget = kv_cache_bytes
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._running: dict[int, _Sequence] = {}
@@ -265,52 +271,27 @@ class LLMEngine:
 
     # ---- the asyncio side ----
 
-    def generate(self, prompt: Sequence[int], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
-        """Check the request now (raising before anything is queued), then return its stream
-        of chunks; closing the stream early removes the sequence from the batch."""
+    def generate(self, prompt: Sequence[int], params: SamplingParams) -> GenerationStream:
+        """Check the request now (raising before anything is queued) and queue it. The
+        returned stream says when the sequence joins the batch (``admitted()``) and then
+        yields its chunks; closing it early removes the sequence from the batch."""
         if not self.is_alive():
             raise ServiceUnavailableError("the generation loop is not running")
         max_tokens, params = self.check_request(prompt, params)
         if self._waiting + len(self._pending) >= self.max_waiting:
             raise OverloadedError("The model has too many requests waiting; retry shortly.")
-        return self._stream(list(prompt), params, max_tokens)
-
-    async def _stream(self, prompt: list[int], params: SamplingParams, max_tokens: int) -> AsyncIterator[GenerationChunk]:
         seq = _Sequence(
-            prompt=prompt,
+            prompt=list(prompt),
             params=params,
             max_tokens=max_tokens,
             reserve=(len(prompt) + max_tokens) * self.kv_bytes_per_token,
             loop=asyncio.get_running_loop(),
             out=asyncio.Queue(),
+            queued_at=time.monotonic(),
         )
         self._waiting += 1
         self._commands.put(("add", seq))
-        try:
-            while True:
-                item = await seq.out.get()
-                # Coalesce whatever else already arrived: fewer, larger messages downstream.
-                while isinstance(item, GenerationChunk) and not item.finish_reason and not seq.out.empty():
-                    nxt = seq.out.get_nowait()
-                    if isinstance(nxt, BaseException):
-                        item = nxt
-                        break
-                    item = GenerationChunk(
-                        text=item.text + nxt.text,
-                        token_ids=item.token_ids + nxt.token_ids,
-                        prompt_tokens=nxt.prompt_tokens,
-                        completion_tokens=nxt.completion_tokens,
-                        finish_reason=nxt.finish_reason,
-                        cached_tokens=nxt.cached_tokens,
-                    )
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason:
-                    return
-        finally:
-            if not seq.done:
-                self._commands.put(("cancel", seq))
+        return GenerationStream(self, seq)
 
     async def ping(self, timeout: float) -> None:
         """Return once the engine thread has come round its loop; raise if it does not in time."""
@@ -368,6 +349,7 @@ class LLMEngine:
 
     def _iterate(self) -> None:
         self._take_commands(block=not self._running and not self._pending)
+        self._expire_pending()
         self._admit_pending()
         if not self._running:
             return
@@ -439,6 +421,17 @@ class LLMEngine:
             self._reserved -= seq.reserve
             self._generator.remove([seq.uid])
         seq.done = True
+
+    def _expire_pending(self) -> None:
+        """Shed sequences that waited longer than allowed: past capacity, working on requests
+        whose callers are about to give up would make every answer late (goodput collapse)."""
+        if self.max_queue_wait_s is None or not self._pending:
+            return
+        limit = time.monotonic() - self.max_queue_wait_s
+        while self._pending and not self._pending[0].admitted and self._pending[0].queued_at < limit:
+            self._finish_with_error(
+                self._pending[0], OverloadedError("The model is at capacity; retry shortly.")
+            )
 
     def _admit_pending(self) -> None:
         """Admit waiting sequences once the previous group has its first tokens.
@@ -521,6 +514,9 @@ class LLMEngine:
                 seq.cached_tokens = len(seq.prompt) - len(rest)
             self._running[uid] = seq
             self._reserved += seq.reserve
+            if not seq.admitted:
+                seq.admitted = True
+                seq.emit(_ADMITTED)
 
     def _on_token(self, seq: _Sequence, token: int, finish_reason: str | None) -> None:
         self._generated += 1
@@ -583,3 +579,69 @@ def _guarded_processor(seq: _Sequence, processor: Callable) -> Callable:
             return logits
 
     return process
+
+
+class GenerationStream:
+    """One sequence's output, as the caller sees it."""
+
+    def __init__(self, engine: LLMEngine, seq: _Sequence):
+        self._engine = engine
+        self._seq = seq
+        self._closed = False
+
+    async def admitted(self) -> None:
+        """Wait until the sequence has joined the batch; raises what failed it before that
+        (``OverloadedError`` when it waited longer than the engine allows)."""
+        item = await self._seq.out.get()
+        if isinstance(item, BaseException):
+            await self.aclose()
+            raise item
+        if item is not _ADMITTED:  # cannot happen: the marker comes first
+            raise RuntimeError("a chunk arrived before the sequence was admitted")
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> GenerationChunk:
+        if self._closed:
+            raise StopAsyncIteration
+        out = self._seq.out
+        try:
+            item = await out.get()
+            while item is _ADMITTED:  # a caller that did not wait for admission
+                item = await out.get()
+            # Coalesce whatever else already arrived: fewer, larger messages downstream.
+            while isinstance(item, GenerationChunk) and not item.finish_reason and not out.empty():
+                nxt = out.get_nowait()
+                if isinstance(nxt, BaseException):
+                    item = nxt
+                    break
+                item = GenerationChunk(
+                    text=item.text + nxt.text,
+                    token_ids=item.token_ids + nxt.token_ids,
+                    prompt_tokens=nxt.prompt_tokens,
+                    completion_tokens=nxt.completion_tokens,
+                    finish_reason=nxt.finish_reason,
+                    cached_tokens=nxt.cached_tokens,
+                )
+        except BaseException:  # cancelled while waiting: the caller is gone
+            await self.aclose()
+            raise
+        if isinstance(item, BaseException):
+            await self.aclose()
+            raise item
+        if item.finish_reason:
+            self._closed = True
+        return item
+
+    async def aclose(self) -> None:
+        """Leave: the sequence is dropped from the batch (or the queue) at the next step."""
+        if not self._closed:
+            self._closed = True
+            if not self._seq.done:
+                self._engine._commands.put(("cancel", self._seq))
+
+    def __del__(self):
+        # A stream dropped without closing (its caller's task died) still frees its slot.
+        if not self._closed and not self._seq.done:
+            self._engine._commands.put(("cancel", self._seq))

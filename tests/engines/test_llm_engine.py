@@ -186,3 +186,17 @@ async def test_sequences_are_admitted_only_while_their_kv_cache_fits(engine, mon
     assert list(both) == alone
     assert most == 1
     assert engine.stats().kv_reserved_bytes == 0
+
+
+async def test_a_sequence_that_waits_too_long_for_the_batch_is_shed(engine, monkeypatch):
+    long_params = SamplingParams(max_tokens=60, temperature=0)
+    ids = prompt(engine, "Write a story about a ship.")
+    monkeypatch.setattr(engine, "kv_budget", (len(ids) + 60) * engine.kv_bytes_per_token + 1)
+    monkeypatch.setattr(engine, "max_queue_wait_s", 0.3)
+    first = engine.generate(ids, long_params)
+    await first.admitted()
+    second = engine.generate(ids, long_params)  # no KV room until the first finishes
+    with pytest.raises(OverloadedError):
+        await second.admitted()
+    text = "".join([c.text async for c in first])
+    assert text and engine.stats().waiting == 0 and engine.stats().running == 0
