@@ -18,6 +18,7 @@ class _Job:
 
     def __init__(self, ids: list[list[int]], dimensions: int | None):
         self.ids, self.dimensions = ids, dimensions
+        self.abandoned = False  # its caller left: the rest of its work is skipped
 
 
 @serve.deployment(name="embeddings", health_check_period_s=10)
@@ -47,15 +48,24 @@ class EmbeddingsDeployment(BatchedFamily):
         # Checked alone (typed 4xx errors), so one bad request never fails the others in its batch.
         ids = self.engine.prepare(ids, truncate=truncate)
         self.engine.check_dimensions(dimensions)
-        # A caller that leaves before its batch runs is dropped from it by Serve's batcher.
-        vectors = await self._run_batch(_Job(ids, dimensions))
+        # A caller that leaves before its batch runs is dropped from it by Serve's batcher;
+        # one that leaves while it runs has its remaining forward passes skipped.
+        job = _Job(ids, dimensions)
+        try:
+            vectors = await self._run_batch(job)
+        except asyncio.CancelledError:
+            job.abandoned = True
+            raise
         return vectors, sum(len(x) for x in ids)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _run_batch(self, jobs: list[_Job]) -> list[np.ndarray]:
         self.record_batch(len(jobs))
         flat = [ids for job in jobs for ids in job.ids]
-        vectors = await self.on_mlx_thread(self.engine.embed_prepared, flat)
+        owner = [job for job in jobs for _ in job.ids]
+        vectors = await self.on_mlx_thread(
+            lambda: self.engine.embed_prepared(flat, wanted=lambda i: not owner[i].abandoned)
+        )
         out, start = [], 0
         for job in jobs:
             out.append(shorten(vectors[start : start + len(job.ids)], job.dimensions))

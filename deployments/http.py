@@ -73,6 +73,8 @@ def error_payload(exc: BaseException) -> tuple[int, dict[str, Any]]:
         # The client sees the id; the log has the id and the whole story.
         logger.error("request %s failed with %d: %s: %s", request_id(), status, type(exc).__name__, exc,
                      exc_info=exc if status == 500 else None)
+    # Messages may quote what the client sent: keep them encodable whatever it was.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     body = ErrorResponse(error=ErrorBody(message=message, type=etype, param=param, code=code))
     return status, body.model_dump()
 

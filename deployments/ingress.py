@@ -11,12 +11,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import media_api, text_api
 from deployments.cluster_view import ClusterView, cluster_view
-from deployments.http import APIKeyMiddleware, BodyLimitMiddleware, error_response, with_deadline
+from deployments.http import APIKeyMiddleware, BodyLimitMiddleware, error_payload, error_response, with_deadline
 from mlx_orchard.config import IngressOptions
 from mlx_orchard.engines.sampling import SamplingParams
 from mlx_orchard.errors import InvalidRequestError, ModelNotFoundError, OrchardError, RequestTimeoutError
@@ -74,6 +75,11 @@ class Ingress:
             response = await asyncio.wait_for(work, self.options.request_timeout_s)
         except TimeoutError:
             raise RequestTimeoutError("The request took longer than this server allows.") from None
+        except (BackPressureError, DeploymentUnavailableError) as e:
+            # Serve installs its own plain-text handlers for these on the ingress app, which
+            # would win over ours: answer them here, in the error schema with Retry-After.
+            status, body = error_payload(e)
+            return JSONResponse(body, status_code=status, headers={"Retry-After": "1"})
         if isinstance(response, StreamingResponse):
             response.body_iterator = with_deadline(response.body_iterator, deadline)
         return response

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -187,20 +188,25 @@ class EmbeddingEngine:
         self.check_dimensions(dimensions)
         return shorten(self.embed_prepared(self.prepare(batch, truncate=truncate)), dimensions)
 
-    def embed_prepared(self, seqs: list[list[int]]) -> np.ndarray:
+    def embed_prepared(self, seqs: list[list[int]], *, wanted: Callable[[int], bool] | None = None) -> np.ndarray:
         """Embeddings of inputs that ``prepare`` already checked: callers that validate each
-        request on its own before batching them skip a second pass over every token."""
+        request on its own before batching them skip a second pass over every token.
+
+        ``wanted(i)`` is asked before each forward pass: rows nobody wants any more (their
+        caller left) are skipped, and their vectors stay zero."""
         out = np.zeros((len(seqs), self.dimensions), dtype=np.float32)
         # Sorting by length keeps padding low when a token budget splits the batch.
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        group: list[int] = []
+        groups: list[list[int]] = [[]]
         for i in order:
-            if group and (len(group) + 1) * len(seqs[i]) > self.max_batch_tokens:
+            if groups[-1] and (len(groups[-1]) + 1) * len(seqs[i]) > self.max_batch_tokens:
+                groups.append([])
+            groups[-1].append(i)
+        for group in groups:
+            if wanted is not None:
+                group = [i for i in group if wanted(i)]
+            if group:
                 out[group] = self._forward([seqs[j] for j in group])
-                group = []
-            group.append(i)
-        if group:
-            out[group] = self._forward([seqs[j] for j in group])
         return out
 
     def _forward(self, seqs: list[list[int]]) -> np.ndarray:

@@ -17,6 +17,26 @@ class OpenAIRequest(BaseModel):
     # NaN and Infinity (which Python's JSON parser accepts) never pass as numbers.
     model_config = ConfigDict(extra="allow", protected_namespaces=(), allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        # JSON's \ud800 escapes (and CESU-8 bytes, which Python's decoder lets through) make
+        # strings that no tokenizer or UTF-8 encoder accepts: refuse them with the request.
+        stack = [data]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("text must be valid Unicode (a lone surrogate was found)") from None
+            elif isinstance(value, dict):
+                stack.extend(value.keys())
+                stack.extend(value.values())
+            elif isinstance(value, list):
+                stack.extend(value)
+        return data
+
     @model_validator(mode="after")
     def _log_unknown_fields(self):
         if self.model_extra:
