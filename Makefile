@@ -48,15 +48,23 @@ endif
 
 # Serve's throughput-optimized mode, and model replicas at normal priority (Ray starts its
 # workers at nice 15, so any other busy process on the machine would slow inference).
-SERVE_ENV := RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_worker_niceness=0
+# Ray token auth, stated rather than left to Ray's default (README "Ray token auth"): the
+# cluster `serve run` starts requires ~/.ray/auth_token (created if missing), so other
+# shells need RAY_AUTH_MODE=token for `serve status` / `serve shutdown`.
+# `make serve RAY_AUTH_MODE=disabled` turns it off (only on a machine no one else can reach).
+RAY_AUTH_MODE ?= token
+SERVE_ENV := RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_worker_niceness=0 RAY_AUTH_MODE=$(RAY_AUTH_MODE)
 
 serve: install
 	$(SERVE_ENV) $(BIN)/serve run serve_config.yaml
 
+# The tests' Ray uses a token of its own and writes nothing under $HOME (tests/conftest.py).
 TEST_ENV := $(SERVE_ENV) $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS))
 
 # Two processes: the multi-node tests need a Ray cluster of their own.
 test: install-test
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(TEST_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider tests
 	$(TEST_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider tests/cluster
 

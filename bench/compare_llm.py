@@ -225,7 +225,11 @@ def render(res: dict) -> str:
             f"| prefill + 1 token via BatchGenerator, p50 (ms) | {ot['batch_generator_p50_ms']:.1f} |",
             "",
         ]
-    for key, title in (("orchard", "Orchard (serve run, RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_worker_niceness=0)"), ("mlx_lm_server", "mlx_lm.server")):
+    titles = (
+        ("orchard", "Orchard (serve run, RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_worker_niceness=0)"),
+        ("mlx_lm_server", "mlx_lm.server"),
+    )
+    for key, title in titles:
         r = res.get(key)
         if not r:
             continue

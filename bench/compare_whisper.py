@@ -29,8 +29,18 @@ from pathlib import Path
 import httpx
 
 from bench.compare_llm import preload_env
-from bench.family_server import ROOT, STOP_GRACE_S, family_server, first_entry, load_average, log, median, meta
-from bench.family_server import wait_ready, write_report
+from bench.family_server import (
+    ROOT,
+    STOP_GRACE_S,
+    family_server,
+    first_entry,
+    load_average,
+    log,
+    median,
+    meta,
+    wait_ready,
+    write_report,
+)
 from bench.media_inputs import load_clips
 from bench.servers import free_port
 

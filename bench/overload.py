@@ -116,7 +116,7 @@ async def send(
             out.error = f"HTTP {resp.status_code}: {resp.text[:200]}"
             if resp.status_code in (429, 503):
                 out.error = "no Retry-After: " + out.error
-    except asyncio.TimeoutError:
+    except TimeoutError:
         out.kind, out.error = "timeout", f"no answer within {timeout:g} s"
     except Exception as e:  # noqa: BLE001 - connection failures, bad JSON: errors of the level
         out.error = f"{type(e).__name__}: {e}"

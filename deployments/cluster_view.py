@@ -54,7 +54,7 @@ def _replicas_by_node() -> dict[str, list[ReplicaPlacement]] | None:
             continue
         app, _, rest = name.removeprefix(_REPLICA_PREFIX).partition("#")
         deployment, _, replica = rest.partition("#")
-        placed.setdefault(actor.node_id, []).append(
+        placed.setdefault(actor.node_id or "", []).append(
             ReplicaPlacement(application=app, deployment=deployment, replica_id=replica, state=actor.state)
         )
     return placed

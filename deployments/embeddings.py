@@ -7,7 +7,8 @@ import asyncio
 import numpy as np
 from ray import serve
 
-from deployments.batched import BatchedFamily
+from deployments.batching import LiveBatching
+from deployments.mlx_thread import MLXThread
 from mlx_orchard.config import EmbeddingsEntry
 from mlx_orchard.engines.embeddings import EmbeddingEngine, shorten
 from mlx_orchard.models.registry import resolve_directory
@@ -22,11 +23,12 @@ class _Job:
 
 
 @serve.deployment(name="embeddings", health_check_period_s=10)
-class EmbeddingsDeployment(BatchedFamily):
+class EmbeddingsDeployment(MLXThread, LiveBatching):
     batch_method = "_run_batch"
 
     def __init__(self, entry: EmbeddingsEntry):
         self.name = entry.name
+        self._init_mlx_thread("embeddings")
         self._init_batching("embeddings", entry.name)
         path = resolve_directory(entry.source)
         self.engine = self.construct_on_mlx_thread(
@@ -44,7 +46,7 @@ class EmbeddingsDeployment(BatchedFamily):
         if inputs and isinstance(inputs[0], str):
             ids = await asyncio.to_thread(self.engine.tokenize, inputs)
         else:
-            ids = [self.engine.add_special_tokens(list(x)) for x in inputs]
+            ids = [self.engine.add_special_tokens(list(x)) for x in inputs]  # type: ignore[arg-type]  # token ids
         # Checked alone (typed 4xx errors), so one bad request never fails the others in its batch.
         ids = self.engine.prepare(ids, truncate=truncate)
         self.engine.check_dimensions(dimensions)

@@ -13,7 +13,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from mlx_orchard.errors import AuthenticationError, OrchardError, PayloadTooLargeError, RequestTimeoutError
+from mlx_orchard.errors import (
+    AuthenticationError,
+    OrchardError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+)
 from mlx_orchard.protocol.common import ErrorBody, ErrorResponse
 
 logger = logging.getLogger("orchard.ingress")
@@ -21,12 +26,12 @@ logger = logging.getLogger("orchard.ingress")
 
 def _cause(exc: BaseException) -> BaseException:
     # Ray wraps a replica's exception in RayTaskError; the original is its .cause.
-    while getattr(exc, "cause", None) is not None and exc.cause is not exc:
-        exc = exc.cause
+    while (cause := getattr(exc, "cause", None)) is not None and cause is not exc:
+        exc = cause
     return exc
 
 
-def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+def _validation_message(errors: list[Any]) -> tuple[str, str | None]:
     first = errors[0]
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
     param = ".".join(loc) or None
@@ -49,8 +54,17 @@ def request_id() -> str:
 def error_payload(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """Every failure, as (status, OpenAI error body). Only Orchard's typed errors and request
     validation are client errors; anything else is a 500 whose details stay in the log."""
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, TaskCancelledError
+    from ray.exceptions import (
+        ActorDiedError,
+        ActorUnavailableError,
+        RayActorError,
+        TaskCancelledError,
+    )
+    from ray.serve.exceptions import (
+        BackPressureError,
+        DeploymentUnavailableError,
+        RayServeException,
+    )
 
     exc = _cause(exc)
     status, etype, code, param = 500, "server_error", None, None
@@ -97,7 +111,7 @@ async def with_deadline(events: AsyncIterator[bytes], deadline: float) -> AsyncI
     """An event stream cut at ``deadline`` (loop time) with a timeout error event; leaving it
     closes the inner stream, which cancels the work behind it."""
     loop = asyncio.get_running_loop()
-    inner = aiter(events)
+    inner = events
     try:
         while True:
             try:
@@ -114,7 +128,9 @@ async def with_deadline(events: AsyncIterator[bytes], deadline: float) -> AsyncI
                 return
             yield event
     finally:
-        await inner.aclose()
+        close = getattr(inner, "aclose", None)  # a generator: closing it cancels the work behind it
+        if close is not None:
+            await close()
 
 
 async def sse_errors_inline(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -15,16 +15,24 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments import media_api, text_api
 from deployments.cluster_view import ClusterView, cluster_view
-from deployments.http import APIKeyMiddleware, BodyLimitMiddleware, error_payload, error_response, with_deadline
+from deployments.http import (
+    APIKeyMiddleware,
+    BodyLimitMiddleware,
+    error_payload,
+    error_response,
+    with_deadline,
+)
+from deployments.routers.transcription import FORM_SLACK
 from mlx_orchard.config import IngressOptions
-from mlx_orchard.engines.sampling import SamplingParams
-from mlx_orchard.errors import InvalidRequestError, ModelNotFoundError, OrchardError, RequestTimeoutError
-from mlx_orchard.protocol.chat import ChatCompletionRequest
+from mlx_orchard.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    OrchardError,
+    RequestTimeoutError,
+)
+from mlx_orchard.families import FAMILIES
 from mlx_orchard.protocol.common import ErrorBody, ErrorResponse, ModelCard, ModelList
-from mlx_orchard.protocol.completions import CompletionRequest
-from mlx_orchard.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 
 
 @dataclass(frozen=True)
@@ -32,15 +40,14 @@ class ModelRoute:
     """Where requests for one model name go."""
 
     name: str  # the canonical name (aliases point at the same route)
-    family: str  # "llm", "embeddings", ...
+    family: str  # "llm", "embeddings", "transcription", ...
     deployment: str  # key into the ingress's handles
-    sampling: SamplingParams | None = None
 
 
-# An ingress waits on I/O: it reserves no CPU, so it never blocks model replicas from placing.
-@serve.deployment(name="ingress", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
-@serve.ingress()
 class Ingress:
+    """What the routers ask of the ingress: model routes, handles, options, the timeout.
+    Plain Python, so the routers can be tested in process with stand-in handles."""
+
     def __init__(
         self,
         routes: dict[str, ModelRoute],
@@ -51,9 +58,6 @@ class Ingress:
         self.handles = handles
         self.options = options
         self.api_key = options.api_key or os.environ.get("ORCHARD_API_KEY") or None
-
-    def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self)
 
     def route(self, model: str, family: str) -> tuple[ModelRoute, DeploymentHandle]:
         route = self.routes.get(model)
@@ -86,6 +90,14 @@ class Ingress:
 
     def model_list(self) -> ModelList:
         return ModelList(data=[ModelCard(id=name, family=r.family) for name, r in self.routes.items()])
+
+
+# An ingress waits on I/O: it reserves no CPU, so it never blocks model replicas from placing.
+@serve.deployment(name="ingress", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class IngressDeployment(Ingress):
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self)
 
 
 def build_api(ingress: Ingress) -> FastAPI:
@@ -128,33 +140,14 @@ def build_api(ingress: Ingress) -> FastAPI:
                 return card
         raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
-        route, handle = ingress.route(req.model, "llm")
-        return await ingress.bounded(text_api.chat_completions(req, handle, route.sampling or SamplingParams()))
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        route, handle = ingress.route(req.model, "llm")
-        return await ingress.bounded(text_api.completions(req, handle, route.sampling or SamplingParams()))
-
-    @app.post("/v1/embeddings", response_model=EmbeddingResponse)
-    async def embeddings(req: EmbeddingRequest):
-        return await ingress.bounded(media_api.embeddings(req, ingress))
-
-    @app.post("/v1/audio/transcriptions")
-    async def transcriptions(request: Request):
-        return await ingress.bounded(media_api.transcribe(request, ingress, "transcribe"))
-
-    @app.post("/v1/audio/translations")
-    async def translations(request: Request):
-        return await ingress.bounded(media_api.transcribe(request, ingress, "translate"))
+    for family in FAMILIES:
+        app.include_router(family.router_factory()(ingress))
 
     # Bodies are limited while they are read, after the key check (no reading for strangers).
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=int(ingress.options.max_body_mb * 1e6),
-        max_upload_bytes=int(ingress.options.max_upload_mb * 1e6) + media_api.FORM_SLACK,
+        max_upload_bytes=int(ingress.options.max_upload_mb * 1e6) + FORM_SLACK,
     )
     if ingress.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=ingress.api_key)

@@ -6,7 +6,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -14,20 +13,12 @@ from ray import serve
 from ray.util import metrics
 
 from mlx_orchard.config import LLMEntry
-from mlx_orchard.engines.llm import EngineStats, GenerationChunk, LLMEngine
-from mlx_orchard.engines.sampling import SamplingParams
+from mlx_orchard.engines.llm import EngineStats, LLMEngine
 from mlx_orchard.models.registry import resolve_llm
 from mlx_orchard.runtime import mlx_uses_cpu_backend, physical_memory_bytes
+from mlx_orchard.wire import Accepted, ChoiceChunk, SamplingParams
 
 _GB = 1 << 30
-
-
-@dataclass
-class Accepted:
-    """First item of every generate stream: the prompt passed its checks on this replica."""
-
-    prompt_tokens: int
-    served_by: str  # "<deployment>#<replica id>@<node id prefix>", for the X-Orchard-Replica header
 
 
 @serve.deployment(name="llm", max_ongoing_requests=64, health_check_period_s=10)
@@ -36,6 +27,7 @@ class LLMDeployment:
         dequantize = mlx_uses_cpu_backend() if entry.dequantize == "auto" else entry.dequantize
         path = resolve_llm(entry.source, dequantize=dequantize, sha256=entry.sha256)
         self.name = entry.name
+        self.sampling = entry.sampling.model_dump()  # the model's defaults, under each request's own
         self.engine = engine_cls(
             path,
             max_batch_size=entry.max_batch_size,
@@ -73,49 +65,48 @@ class LLMDeployment:
         self,
         params: SamplingParams,
         *,
+        n: int = 1,
         messages: list[dict[str, Any]] | None = None,
         prompt: str | list[int] | None = None,
         stream: bool = True,
         echo: bool = False,
-    ) -> AsyncIterator[Accepted | GenerationChunk]:
-        """Yields ``Accepted`` once the prompt passed its checks and joined the batch (so callers
-        can answer 4xx/503 before committing to a 200), then text chunks; with stream=False
-        one final chunk."""
+    ) -> AsyncIterator[Accepted | ChoiceChunk]:
+        """Yields ``Accepted`` once the prompt passed its checks and joined the batch (so
+        callers can answer 4xx/503 before committing to a 200), then the chunks of its
+        ``n`` choices; with stream=False one chunk per choice, holding all its text.
+        The request's unset sampling fields take this model's defaults."""
         if messages is not None:
             ids = await self._off_loop(self.engine.encode_chat, messages)
         elif isinstance(prompt, str):
             ids = await self._off_loop(self.engine.encode, prompt)
         else:
             ids = list(prompt or [])
-        chunks = self.engine.generate(ids, params)  # raises here for a bad prompt
-        # Accepted once the sequence is in the batch: a request shed from the queue still gets
-        # a 503 status rather than an error event inside a 200 stream.
+        chunks = self.engine.generate(ids, params.with_defaults(**self.sampling), n=n)  # raises for a bad request
+        # Accepted once the sequences are in the batch: a request shed from the queue still
+        # gets a 503 status rather than an error event inside a 200 stream.
         await chunks.admitted()
         self._requests.inc()
-        yield Accepted(prompt_tokens=len(ids), served_by=self.served_by)
+        yield Accepted(prompt_tokens=len(ids), served_by=self.served_by, cached_tokens=chunks.cached_tokens)
 
         prefix = ""
         if echo:
             prefix = prompt if isinstance(prompt, str) else await self._off_loop(self.engine.decode, ids)
         start = time.perf_counter()
-        parts: list[str] = [prefix]
-        tokens: list[int] = []
+        texts = [prefix] * n  # stream: the echo still owed to each choice; else: all text so far
         generated = 0
         try:
             async for chunk in chunks:
                 if not generated:
                     self._ttft.observe(time.perf_counter() - start)
-                generated = chunk.completion_tokens
+                generated += len(chunk.token_ids)
+                i = chunk.index
                 if stream:
-                    if prefix:
-                        chunk.text, prefix = prefix + chunk.text, ""
-                    yield chunk
+                    yield ChoiceChunk(i, texts[i] + chunk.text, chunk.completion_tokens, chunk.finish_reason)
+                    texts[i] = ""
                 else:
-                    parts.append(chunk.text)
-                    tokens.extend(chunk.token_ids)
+                    texts[i] += chunk.text
                     if chunk.finish_reason:
-                        chunk.text, chunk.token_ids = "".join(parts), tokens
-                        yield chunk
+                        yield ChoiceChunk(i, texts[i], chunk.completion_tokens, chunk.finish_reason)
         finally:
             await chunks.aclose()
             # Counted once per request, not per chunk: the metric stays off the token path.

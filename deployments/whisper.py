@@ -3,27 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
 from mlx_whisper.audio import N_SAMPLES
 from mlx_whisper.tokenizer import LANGUAGES
 from ray import serve
 
-from deployments.batched import BatchedFamily
+from deployments.batching import LiveBatching
+from deployments.mlx_thread import MLXThread
 from mlx_orchard.audio import AudioDecodeError, decode_audio
-from mlx_orchard.config import WhisperEntry
+from mlx_orchard.config import BatchingOptions, WhisperEntry
 from mlx_orchard.engines.whisper import ClipRequest, TranscriptionResult, WhisperEngine
 from mlx_orchard.errors import InvalidRequestError
 from mlx_orchard.models.registry import resolve_whisper
-from mlx_orchard.protocol.audio import TranscriptionSegment, TranscriptionVerbose, TranscriptionWord
+from mlx_orchard.protocol.audio import (
+    TranscriptionSegment,
+    TranscriptionVerbose,
+    TranscriptionWord,
+)
 
 
 @serve.deployment(name="whisper", health_check_period_s=10)
-class WhisperDeployment(BatchedFamily):
+class WhisperDeployment(MLXThread, LiveBatching):
     batch_method = "_run_batch"
 
     def __init__(self, entry: WhisperEntry):
         self.name = entry.name
         self.max_audio_seconds = entry.max_audio_seconds
+        self._init_mlx_thread("whisper")
         self._init_batching("whisper", entry.name)
         path = resolve_whisper(entry.source, sha256=entry.sha256)
         self.engine = self.construct_on_mlx_thread(
@@ -34,7 +41,7 @@ class WhisperDeployment(BatchedFamily):
         self,
         audio: bytes,
         *,
-        task: str = "transcribe",
+        task: Literal["transcribe", "translate"] = "transcribe",
         language: str | None = None,
         prompt: str | None = None,
         temperature: float = 0.0,
@@ -58,11 +65,15 @@ class WhisperDeployment(BatchedFamily):
         self.record_batch(len(clips))
         return await self.on_mlx_thread(self.engine.transcribe, clips)
 
+    def apply_batching(self, options: BatchingOptions) -> None:
+        # The engine splits what one @serve.batch call hands it at this size too.
+        self.engine.max_batch_size = options.max_batch_size
+
     def stats(self) -> dict:
         return self.batch_stats()
 
 
-def _verbose(result: TranscriptionResult, task: str) -> TranscriptionVerbose:
+def _verbose(result: TranscriptionResult, task: Literal["transcribe", "translate"]) -> TranscriptionVerbose:
     segments = [
         TranscriptionSegment(
             id=s.id, seek=s.seek, start=s.start, end=s.end, text=s.text, tokens=s.tokens,

@@ -66,6 +66,17 @@ class ModelEntry(Strict):
     def all_names(self) -> list[str]:
         return [self.name, *self.aliases]
 
+    def ray_options(self, env_vars: dict[str, str]) -> dict[str, Any]:
+        """Ray Serve options for this model's deployment, with the process environment its
+        replicas must start with (a BLAS to preload, say)."""
+        opts = self.deployment.ray_options()
+        actor = dict(opts.get("ray_actor_options") or {})
+        runtime_env = dict(actor.get("runtime_env") or {})
+        runtime_env["env_vars"] = {**env_vars, **(runtime_env.get("env_vars") or {})}
+        actor["runtime_env"] = runtime_env
+        opts["ray_actor_options"] = actor
+        return opts
+
 
 class LLMEntry(ModelEntry):
     dequantize: bool | Literal["auto"] = Field(
@@ -115,6 +126,13 @@ class BatchedEntry(ModelEntry):
         return self
 
 
+    def ray_options(self, env_vars: dict[str, str]) -> dict[str, Any]:
+        # The batching knobs are the deployment's user_config: they change live.
+        opts = super().ray_options(env_vars) | {"user_config": self.batching.model_dump()}
+        opts.setdefault("max_ongoing_requests", 2 * self.batching.max_batch_size)
+        return opts
+
+
 class EmbeddingsEntry(BatchedEntry):
     max_batch_tokens: int = Field(16384, ge=1, description="padded tokens per forward pass")
     supports_dimensions: bool = Field(False, description="Matryoshka-trained: shorter vectors stay meaningful")
@@ -145,22 +163,10 @@ class RuntimeOptions(Strict):
     env_vars: dict[str, str] = {}
 
 
-class OrchardArgs(Strict):
-    ingress: IngressOptions = IngressOptions()
-    runtime: RuntimeOptions = RuntimeOptions()
-    llm: list[LLMEntry] = []
-    embeddings: list[EmbeddingsEntry] = []
-    whisper: list[WhisperEntry] = []
+def __getattr__(name: str):
+    # OrchardArgs is built from the family registry, which itself names the entries above.
+    if name == "OrchardArgs":
+        from mlx_orchard.families import OrchardArgs
 
-    @model_validator(mode="after")
-    def _unique_names(self):
-        seen: set[str] = set()
-        for entry in self.entries():
-            for name in entry.all_names():
-                if name in seen:
-                    raise ValueError(f"model name {name!r} is used twice")
-                seen.add(name)
-        return self
-
-    def entries(self) -> list[ModelEntry]:
-        return [*self.llm, *self.embeddings, *self.whisper]
+        return OrchardArgs
+    raise AttributeError(name)

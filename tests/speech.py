@@ -6,7 +6,6 @@ import re
 import subprocess
 from pathlib import Path
 
-
 # Sentences whisper tiny.en hears reliably in espeak-ng's voice (not every sentence is).
 SENTENCES = [
     "Machine learning models run on local hardware.",

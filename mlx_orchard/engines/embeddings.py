@@ -7,9 +7,9 @@ calls ``embed`` so a deployment can keep all MLX work on one thread.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 import numpy as np

@@ -3,7 +3,7 @@
 One dedicated thread owns the model and the batch: it admits new sequences and
 drops cancelled ones between steps, so requests join and leave the running batch
 at every step. Callers live on an asyncio loop and receive typed chunks through
-``asyncio.Queue``s fed with ``call_soon_threadsafe``. No Ray here.
+mailboxes fed with ``call_soon_threadsafe``. No Ray here.
 
 Hardening, since MLX checks no bounds and one replica serves everyone:
 - every client value that becomes an index or a size (token ids, ``logit_bias`` keys,
@@ -25,16 +25,26 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import (
+    LRUPromptCache,
+    can_trim_prompt_cache,
+    make_prompt_cache,
+    trim_prompt_cache,
+)
 
 from mlx_orchard.engines.detokenize import IncrementalDetokenizer
-from mlx_orchard.engines.sampling import SamplingParams, build_logits_processors, build_sampler
+from mlx_orchard.engines.sampling import (
+    SamplingParams,
+    build_logits_processors,
+    build_sampler,
+)
 from mlx_orchard.engines.stopping import StopStringFilter
 from mlx_orchard.errors import (
     ContextLengthExceededError,
@@ -60,6 +70,7 @@ class GenerationChunk:
     completion_tokens: int
     finish_reason: str | None = None  # "stop" | "length" | None while running
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    index: int = 0  # which of the request's n choices
 
 
 @dataclass
@@ -73,6 +84,28 @@ class EngineStats:
     kv_reserved_bytes: int = 0  # what the running sequences may grow to
     kv_budget_bytes: int | None = None
     prefix_cache_bytes: int = 0
+    prefilled_tokens: int = 0  # prompt tokens run through the model (cache hits excluded)
+
+
+class _Mailbox:
+    """A caller's inbox: the engine thread posts into it through ``call_soon_threadsafe``,
+    so ``put`` always runs on the caller's loop. Unlike ``asyncio.Queue`` it lets the
+    reader look at what is waiting (to coalesce one choice's chunks)."""
+
+    def __init__(self) -> None:
+        self.items: deque = deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, item: object) -> None:
+        self.items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> object:
+        while not self.items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self.items.popleft()
 
 
 # eq=False: sequences are found (in the pending deque, on cancel) by identity, never by value.
@@ -83,7 +116,7 @@ class _Sequence:
     max_tokens: int
     reserve: int  # KV-cache bytes this sequence may grow to
     loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue
+    out: _Mailbox
     uid: int | None = None
     detokenizer: IncrementalDetokenizer | None = None
     stops: StopStringFilter | None = None
@@ -95,14 +128,18 @@ class _Sequence:
     prefilling: bool = False  # admitted (or re-admitted), waiting for its next token
     failures: int = 0  # failed steps this sequence was part of
     error: BaseException | None = None  # raised by its own sampler or logits processor
+    index: int = 0  # which of the request's n choices
+    # Choices 1..n-1 of a request wait for choice 0's prefill and start from a copy of its KV.
+    followers: list[_Sequence] = field(default_factory=list)
+    preset: tuple[list, list[int]] | None = None  # (KV cache, the tokens it holds)
     done: bool = False
     queued_at: float = 0.0
     admitted: bool = False  # has joined the batch once (told to the caller)
 
-    def emit(self, item: GenerationChunk | BaseException) -> bool:
+    def emit(self, item: object) -> bool:
         """Hand an item to the caller's loop; False when that loop is gone (caller left)."""
         try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.out.put, item)
             return True
         except RuntimeError:  # the event loop is closed
             return False
@@ -140,6 +177,7 @@ class LLMEngine:
         self._reserved = 0  # KV bytes reserved by running sequences
         self._steps = 0
         self._failed_steps = 0
+        self._prefilled = 0
         self._generated = 0
         self._fatal: BaseException | None = None
         self._stopping = False
@@ -156,7 +194,7 @@ class LLMEngine:
         from mlx_lm import load
         from mlx_lm.generate import BatchGenerator
 
-        self.model, self.tokenizer, config = load(self.model_path, return_config=True)
+        self.model, self.tokenizer, config = load(self.model_path, return_config=True)  # type: ignore[misc]
         self.context_length = int(
             config.get("max_position_embeddings") or config.get("max_seq_len") or 4096
         )
@@ -218,9 +256,11 @@ class LLMEngine:
     def check_request(self, prompt: Sequence[int], params: SamplingParams) -> tuple[int, SamplingParams]:
         """Validate a request against this model's limits before anything is queued.
 
-        Returns the effective max_tokens and the params to run (``top_k`` past the
-        vocabulary means no cut, ``seed`` folded into MLX's 64-bit key).
+        Returns the effective max_tokens and the params to run (unset fields at their
+        built-in defaults, ``top_k`` past the vocabulary meaning no cut, ``seed`` folded
+        into MLX's 64-bit key).
         """
+        params = params.with_defaults()
         n = len(prompt)
         if n == 0:
             raise InvalidRequestError("the prompt is empty", param="prompt")
@@ -237,7 +277,7 @@ class LLMEngine:
                 f"logit_bias names token ids outside this model's vocabulary [0, {self.vocab_size}): {bad[:5]}",
                 param="logit_bias",
             )
-        if params.top_k >= self.vocab_size:
+        if (params.top_k or 0) >= self.vocab_size:
             params = params.with_changes(top_k=0)  # keeping every token is no cut at all
         if params.seed is not None and not 0 <= params.seed < 1 << 64:
             params = params.with_changes(seed=params.seed % (1 << 64))
@@ -271,27 +311,41 @@ class LLMEngine:
 
     # ---- the asyncio side ----
 
-    def generate(self, prompt: Sequence[int], params: SamplingParams) -> GenerationStream:
+    def generate(self, prompt: Sequence[int], params: SamplingParams, n: int = 1) -> GenerationStream:
         """Check the request now (raising before anything is queued) and queue it. The
-        returned stream says when the sequence joins the batch (``admitted()``) and then
-        yields its chunks; closing it early removes the sequence from the batch."""
+        returned stream says when the request joins the batch (``admitted()``) and then
+        yields the chunks of its ``n`` choices; closing it early removes them from the batch.
+
+        The n choices share one prefill: choice 0 prefills the prompt, the others start
+        from a copy of its KV cache. With a seed, choice i samples with seed + i."""
         if not self.is_alive():
             raise ServiceUnavailableError("the generation loop is not running")
+        if not 1 <= n <= self.max_batch_size:
+            raise InvalidRequestError(f"n must be between 1 and {self.max_batch_size}", param="n")
         max_tokens, params = self.check_request(prompt, params)
         if self._waiting + len(self._pending) >= self.max_waiting:
             raise OverloadedError("The model has too many requests waiting; retry shortly.")
-        seq = _Sequence(
-            prompt=list(prompt),
-            params=params,
-            max_tokens=max_tokens,
-            reserve=(len(prompt) + max_tokens) * self.kv_bytes_per_token,
-            loop=asyncio.get_running_loop(),
-            out=asyncio.Queue(),
-            queued_at=time.monotonic(),
-        )
+        loop, out, now = asyncio.get_running_loop(), _Mailbox(), time.monotonic()
+        seqs = [
+            _Sequence(
+                prompt=list(prompt),
+                params=params if i == 0 or params.seed is None else params.with_changes(
+                    seed=(params.seed + i) % (1 << 64)
+                ),
+                max_tokens=max_tokens,
+                reserve=(len(prompt) + max_tokens) * self.kv_bytes_per_token,
+                loop=loop,
+                out=out,
+                queued_at=now,
+                index=i,
+                admitted=i > 0,  # the request is admitted with its first choice
+            )
+            for i in range(n)
+        ]
+        seqs[0].followers = seqs[1:]
         self._waiting += 1
-        self._commands.put(("add", seq))
-        return GenerationStream(self, seq)
+        self._commands.put(("add", seqs[0]))
+        return GenerationStream(self, seqs)
 
     async def ping(self, timeout: float) -> None:
         """Return once the engine thread has come round its loop; raise if it does not in time."""
@@ -313,6 +367,7 @@ class LLMEngine:
             kv_reserved_bytes=self._reserved,
             kv_budget_bytes=self.kv_budget,
             prefix_cache_bytes=self._prefix_cache.nbytes if self._prefix_cache is not None else 0,
+            prefilled_tokens=self._prefilled,
         )
 
     def is_alive(self) -> bool:
@@ -359,12 +414,38 @@ class LLMEngine:
             seq = self._running.get(r.uid)
             if seq is None:  # cancelled while this step ran
                 continue
+            if seq.followers:  # choice 0 has prefilled: its siblings start from its KV
+                self._spawn_followers(seq, r)
             self._on_token(seq, r.token, r.finish_reason)
             if r.finish_reason and self._prefix_cache is not None:
                 self._remember(list(r.all_tokens), r.prompt_cache)
         self._fail_poisoned()
 
+    def _spawn_followers(self, leader: _Sequence, response: Any) -> None:
+        followers, leader.followers = [f for f in leader.followers if not f.done], []
+        if not followers:
+            return
+        try:
+            if response.finish_reason:
+                cache, held = response.prompt_cache, list(response.all_tokens)
+            else:
+                cache, held = self._generator.extract_cache([leader.uid])[leader.uid]
+            keep = len(leader.prompt) - 1  # the last prompt token is re-run for its logits
+            trim = len(held) - keep
+            if trim < 0 or not can_trim_prompt_cache(cache):
+                raise ValueError("the leader's cache cannot be cut back to the prompt")
+            for f in followers:
+                copy = deepcopy(cache)
+                trim_prompt_cache(copy, trim)
+                f.preset = (copy, leader.prompt[:keep])
+        except Exception:  # noqa: BLE001 - the followers then prefill on their own
+            logger.exception("could not share the prompt's KV between choices")
+            for f in followers:
+                f.preset = None
+        self._pending.extendleft(reversed(followers))  # ahead of newcomers: the request is admitted
+
     def _remember(self, tokens: list[int], cache: list) -> None:
+        assert self._prefix_cache is not None
         try:
             self._prefix_cache.insert_cache(_MODEL_KEY, tokens, cache)
         except Exception:  # noqa: BLE001 - a cache that cannot take an entry serves without it
@@ -469,6 +550,14 @@ class LLMEngine:
             rest = tokens[-1:]
         return cache, rest
 
+    def _start_of(self, seq: _Sequence, tokens: list[int]) -> tuple[list | None, list[int]]:
+        """The KV cache a sequence starts from and the tokens it still has to prefill."""
+        if seq.preset is not None and not seq.completion_tokens:
+            cache, held = seq.preset
+            seq.preset = None
+            return cache, tokens[len(held) :]
+        return self._cached_prefix(tokens)
+
     def _prepare(self, seq: _Sequence) -> None:
         """Per-sequence state, built once (a retried sequence keeps its sampler's key chain)."""
         if seq.sampler is None and seq.processors is None:
@@ -492,15 +581,16 @@ class LLMEngine:
             return
         # A re-admitted sequence continues from everything it has produced so far.
         tokens = [s.prompt + s.token_ids for s in ready]
-        caches, rests = zip(*(self._cached_prefix(t) for t in tokens))
+        caches, rests = zip(*(self._start_of(s, t) for s, t in zip(ready, tokens)))
+        self._prefilled += sum(len(r) for r in rests)
         try:
             uids = self._generator.insert(
                 list(rests),
                 caches=list(caches),
                 all_tokens=[t[: len(t) - len(rest)] for t, rest in zip(tokens, rests)],
                 max_tokens=[s.max_tokens - s.completion_tokens for s in ready],
-                samplers=[s.sampler for s in ready],
-                logits_processors=[s.processors for s in ready],
+                samplers=[s.sampler for s in ready],  # type: ignore[misc]  # None: the batch's greedy sampler
+                logits_processors=[s.processors for s in ready],  # type: ignore[misc]
             )
         except Exception:  # noqa: BLE001 - insert checks before it changes any state
             logger.exception("could not insert %d sequences", len(ready))
@@ -519,6 +609,7 @@ class LLMEngine:
                 seq.emit(_ADMITTED)
 
     def _on_token(self, seq: _Sequence, token: int, finish_reason: str | None) -> None:
+        assert seq.detokenizer is not None and seq.stops is not None and seq.uid is not None  # admitted
         self._generated += 1
         seq.prefilling = False
         seq.completion_tokens += 1
@@ -544,6 +635,7 @@ class LLMEngine:
             completion_tokens=seq.completion_tokens,
             finish_reason=finish_reason,
             cached_tokens=seq.cached_tokens,
+            index=seq.index,
         )
         if not seq.emit(chunk) and not seq.done:  # the caller's loop is gone: stop its work
             self._drop(seq)
@@ -582,22 +674,33 @@ def _guarded_processor(seq: _Sequence, processor: Callable) -> Callable:
 
 
 class GenerationStream:
-    """One sequence's output, as the caller sees it."""
+    """The output of one request (its n choices), as the caller sees it."""
 
-    def __init__(self, engine: LLMEngine, seq: _Sequence):
+    def __init__(self, engine: LLMEngine, seqs: list[_Sequence]):
         self._engine = engine
-        self._seq = seq
+        self._seqs = seqs
+        self._out = seqs[0].out
+        self._running = len(seqs)  # choices not finished yet
         self._closed = False
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens of choice 0 that came from the prefix cache (known once admitted)."""
+        return self._seqs[0].cached_tokens
+
     async def admitted(self) -> None:
-        """Wait until the sequence has joined the batch; raises what failed it before that
+        """Wait until the request has joined the batch; raises what failed it before that
         (``OverloadedError`` when it waited longer than the engine allows)."""
-        item = await self._seq.out.get()
+        try:
+            item = await self._out.get()
+        except BaseException:
+            await self.aclose()
+            raise
         if isinstance(item, BaseException):
             await self.aclose()
             raise item
         if item is not _ADMITTED:  # cannot happen: the marker comes first
-            raise RuntimeError("a chunk arrived before the sequence was admitted")
+            raise RuntimeError("a chunk arrived before the request was admitted")
 
     def __aiter__(self) -> GenerationStream:
         return self
@@ -605,43 +708,59 @@ class GenerationStream:
     async def __anext__(self) -> GenerationChunk:
         if self._closed:
             raise StopAsyncIteration
-        out = self._seq.out
+        out = self._out
         try:
             item = await out.get()
             while item is _ADMITTED:  # a caller that did not wait for admission
                 item = await out.get()
-            # Coalesce whatever else already arrived: fewer, larger messages downstream.
-            while isinstance(item, GenerationChunk) and not item.finish_reason and not out.empty():
-                nxt = out.get_nowait()
-                if isinstance(nxt, BaseException):
-                    item = nxt
-                    break
-                item = GenerationChunk(
-                    text=item.text + nxt.text,
-                    token_ids=item.token_ids + nxt.token_ids,
-                    prompt_tokens=nxt.prompt_tokens,
-                    completion_tokens=nxt.completion_tokens,
-                    finish_reason=nxt.finish_reason,
-                    cached_tokens=nxt.cached_tokens,
-                )
+            item = _coalesce(item, out)
         except BaseException:  # cancelled while waiting: the caller is gone
             await self.aclose()
             raise
         if isinstance(item, BaseException):
             await self.aclose()
             raise item
+        assert isinstance(item, GenerationChunk)
         if item.finish_reason:
-            self._closed = True
+            self._running -= 1
+            if not self._running:
+                self._closed = True
         return item
 
     async def aclose(self) -> None:
-        """Leave: the sequence is dropped from the batch (or the queue) at the next step."""
+        """Leave: the request's sequences are dropped from the batch (or the queue)."""
         if not self._closed:
             self._closed = True
-            if not self._seq.done:
-                self._engine._commands.put(("cancel", self._seq))
+            self._cancel()
+
+    def _cancel(self) -> None:
+        for seq in self._seqs:
+            if not seq.done:
+                self._engine._commands.put(("cancel", seq))
 
     def __del__(self):
-        # A stream dropped without closing (its caller's task died) still frees its slot.
-        if not self._closed and not self._seq.done:
-            self._engine._commands.put(("cancel", self._seq))
+        # A stream dropped without closing (its caller's task died) still frees its slots.
+        if not self._closed:
+            self._cancel()
+
+
+def _coalesce(item: object, out: _Mailbox) -> object:
+    """Merge the chunks of the same choice that already arrived behind ``item``: fewer,
+    larger messages downstream. Stops at another choice's chunk."""
+    while isinstance(item, GenerationChunk) and not item.finish_reason and out.items:
+        nxt = out.items[0]
+        if isinstance(nxt, GenerationChunk) and nxt.index != item.index:
+            break
+        out.items.popleft()
+        if isinstance(nxt, BaseException):
+            return nxt
+        item = GenerationChunk(
+            text=item.text + nxt.text,
+            token_ids=item.token_ids + nxt.token_ids,
+            prompt_tokens=nxt.prompt_tokens,
+            completion_tokens=nxt.completion_tokens,
+            finish_reason=nxt.finish_reason,
+            cached_tokens=nxt.cached_tokens,
+            index=item.index,
+        )
+    return item

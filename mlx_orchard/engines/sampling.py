@@ -1,42 +1,31 @@
-"""Per-request sampling parameters and the MLX samplers built from them."""
+"""The MLX samplers and logits processors built from a request's ``SamplingParams``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
+from mlx_lm.sample_utils import (
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    make_logits_processors,
+    make_sampler,
+)
+
+from mlx_orchard.wire import SamplingParams
+
+__all__ = ["SamplingParams", "build_logits_processors", "build_sampler"]
 
 Sampler = Callable[[mx.array], mx.array]
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """What a request asks of generation; plain values so any layer can build it."""
-
-    max_tokens: int | None = None  # None: whatever the context leaves, capped by the engine's default
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def with_changes(self, **changes) -> SamplingParams:
-        return replace(self, **changes)
-
-
 def build_sampler(params: SamplingParams) -> Sampler | None:
-    """None means greedy: the BatchGenerator then argmaxes the whole batch in one call."""
+    """None means greedy: the BatchGenerator then argmaxes the whole batch in one call.
+    Unset fields take their built-in defaults."""
+    params = params.with_defaults()
+    assert params.temperature is not None and params.top_p is not None  # resolved above
+    assert params.min_p is not None and params.top_k is not None
     if params.greedy:
         return None
     top_p = params.top_p if params.top_p < 1.0 else 0.0

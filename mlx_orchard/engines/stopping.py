@@ -1,4 +1,8 @@
-"""Stop strings over streamed text: emit what can no longer become a stop string, hold the rest."""
+"""Stop strings over streamed text: emit what can no longer become a stop string, hold the rest.
+
+mlx-lm's server matches stop *token sequences*; OpenAI's ``stop`` is text, which a model
+can produce through many different tokenizations, so it is matched on the decoded text.
+"""
 
 from __future__ import annotations
 
@@ -32,11 +36,15 @@ class StopStringFilter:
         return "" if self.stopped else held
 
     def _longest_partial_suffix(self, buf: str) -> int:
-        # Longest suffix of buf that is a proper prefix of some stop string.
+        # Longest suffix of buf that is a proper prefix of some stop string. Candidates start
+        # where the stop's first character occurs in the tail, so a step costs a few C-level
+        # comparisons, not one per suffix length (16 long stop strings stay cheap).
         best = 0
         for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(buf)), best, -1):
-                if buf.endswith(stop[:n]):
-                    best = n
+            i = buf.find(stop[0], max(0, len(buf) - len(stop) + 1))
+            while i != -1 and len(buf) - i > best:
+                if stop.startswith(buf[i:]):
+                    best = len(buf) - i
                     break
+                i = buf.find(stop[0], i + 1)
         return best

@@ -22,7 +22,13 @@ from typing import Literal
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
-from mlx_whisper.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
+from mlx_whisper.audio import (
+    N_FRAMES,
+    N_SAMPLES,
+    SAMPLE_RATE,
+    log_mel_spectrogram,
+    pad_or_trim,
+)
 from mlx_whisper.decoding import DecodingOptions, DecodingResult, decode
 from mlx_whisper.load_models import load_model
 from mlx_whisper.timing import add_word_timestamps
@@ -112,8 +118,8 @@ class WhisperEngine:
         short = [i for i, c in enumerate(clips) if len(c.audio) <= N_SAMPLES]
         # A batch shares one DecodingOptions, so group by the options that shape decoding.
         key = lambda i: (clips[i].task, clips[i].language or "", clips[i].prompt or "", clips[i].temperature)  # noqa: E731
-        for _, group in groupby(sorted(short, key=key), key=key):
-            group = list(group)
+        for _, same in groupby(sorted(short, key=key), key=key):
+            group = list(same)
             for start in range(0, len(group), self.max_batch_size):
                 chunk = group[start : start + self.max_batch_size]
                 for i, result in zip(chunk, self._transcribe_batch([clips[i] for i in chunk])):
@@ -259,6 +265,6 @@ def _result(segments: list[dict], language: str, duration: float, with_words: bo
                 seek=int(s["seek"]), words=words if with_words else None,
             )  # fmt: skip
         )
-    words = [w for s in parsed for w in s.words or []] if with_words else None
+    all_words = [w for s in parsed for w in s.words or []] if with_words else None
     text = "".join(s.text for s in parsed).strip()
-    return TranscriptionResult(text=text, language=language, duration=duration, segments=parsed, words=words)
+    return TranscriptionResult(text=text, language=language, duration=duration, segments=parsed, words=all_words)

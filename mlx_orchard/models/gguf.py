@@ -20,6 +20,7 @@ import struct
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 
@@ -213,11 +214,11 @@ def _convert_weights(
         return out, None
     default = Counter(quantized).most_common(1)[0][0]
     quantization: dict = {"group_size": GROUP_SIZE, "bits": default, "mode": "affine"}
-    for module, bits in bits_of.items():
-        if bits is None:
+    for module, module_bits in bits_of.items():
+        if module_bits is None:
             quantization[module] = False
-        elif bits != default:
-            quantization[module] = {"group_size": GROUP_SIZE, "bits": bits, "mode": "affine"}
+        elif module_bits != default:
+            quantization[module] = {"group_size": GROUP_SIZE, "bits": module_bits, "mode": "affine"}
     return out, quantization
 
 
@@ -241,7 +242,15 @@ def _save_weights(weights: dict[str, mx.array], out_dir: Path) -> None:
 
 def write_tokenizer(md: dict, out_dir: Path) -> None:
     """tokenizer.json + tokenizer_config.json from GGUF tokenizer metadata (byte-level BPE)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
 
     kind = md.get("tokenizer.ggml.model")
     if kind != "gpt2":
@@ -287,7 +296,7 @@ def write_tokenizer(md: dict, out_dir: Path) -> None:
         tok.post_processor = processors.TemplateProcessing(
             single=sequence("$A", 0),
             pair=sequence("$A", 0) + sequence("$B", 1),
-            special_tokens=[(t, tok.token_to_id(t)) for t in head + tail],
+            special_tokens=[(t, tok.token_to_id(t)) for t in head + tail],  # type: ignore[arg-type]
         )
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -323,7 +332,8 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, de
         raise ValueError(
             f"{gguf_path.name} holds tensors of GGUF types {names}; supported: {sorted(_SUPPORTED_TYPES.values())}"
         )
-    weights, md = mx.load(str(gguf_path), return_metadata=True)
+    loaded: Any = mx.load(str(gguf_path), return_metadata=True)  # (weights, metadata) for GGUF
+    weights, md = loaded
     if 30 in types.values() and not all(mx.isfinite(w).all().item() for w in weights.values()):
         raise ValueError(f"{gguf_path.name}: BF16 values overflow the float16 that mx.load reads them as")
     config = _model_config(md, weights)

@@ -12,7 +12,6 @@ from mlx_orchard.errors import InvalidRequestError
 from mlx_orchard.protocol.common import OpenAIRequest, OpenAIResponse, Usage
 from mlx_orchard.protocol.sampling import SamplingRequest
 
-
 _MAX_PARTS = 1024  # content parts per message
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Literal, cast
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -42,8 +42,8 @@ class CompletionRequest(SamplingRequest):
         if isinstance(p, str):
             return [p]
         if all(isinstance(x, int) for x in p):
-            return [list(p)]
-        return list(p)
+            return [cast(list[int], list(p))]
+        return cast(list[str | list[int]], list(p))
 
 
 class CompletionChoice(BaseModel):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
@@ -40,8 +40,8 @@ class EmbeddingRequest(OpenAIRequest):
         if isinstance(v, str):
             return [v]
         if all(isinstance(x, int) for x in v):
-            return [list(v)]  # one input given as token ids
-        return list(v)
+            return [cast(list[int], list(v))]  # one input given as token ids
+        return cast(list[str] | list[list[int]], list(v))
 
 
 class Embedding(BaseModel):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
-from mlx_orchard.engines.sampling import SamplingParams
 from mlx_orchard.protocol.common import OpenAIRequest, StreamOptions, stop_list
-
+from mlx_orchard.wire import SamplingParams
 
 _MAX_STOP_CHARS = 1024
 
@@ -65,14 +64,15 @@ class SamplingRequest(OpenAIRequest):
     def requested_max_tokens(self) -> int | None:
         raise NotImplementedError
 
-    def sampling_params(self, defaults: SamplingParams) -> SamplingParams:
-        """Engine arguments: the request's values, the model's defaults where it gives none."""
+    def sampling_params(self) -> SamplingParams:
+        """Engine arguments. Fields the request leaves unset stay None: the replica fills in
+        the model's defaults."""
         return SamplingParams(
             max_tokens=self.requested_max_tokens(),
-            temperature=defaults.temperature if self.temperature is None else self.temperature,
-            top_p=defaults.top_p if self.top_p is None else self.top_p,
-            top_k=self.top_k or defaults.top_k,
-            min_p=defaults.min_p if self.min_p is None else self.min_p,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
             seed=self.seed,
             stop=stop_list(self.stop),
             presence_penalty=self.presence_penalty,

@@ -200,3 +200,19 @@ async def test_a_sequence_that_waits_too_long_for_the_batch_is_shed(engine, monk
         await second.admitted()
     text = "".join([c.text async for c in first])
     assert text and engine.stats().waiting == 0 and engine.stats().running == 0
+
+
+async def test_n_choices_prefill_their_prompt_once(engine):
+    ids = prompt(engine, "Tell me a fact about the moon, in one sentence.")
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=11)
+    before = engine.stats().prefilled_tokens
+    texts: dict[int, str] = {0: "", 1: "", 2: "", 3: ""}
+    async for chunk in engine.generate(ids, params, n=4):
+        texts[chunk.index] += chunk.text
+    # Choice 0 prefills the prompt; choices 1-3 re-run only its last token from a copy of its KV.
+    assert engine.stats().prefilled_tokens - before == len(ids) + 3
+    # Each choice samples as a request of its own with seed + i would.
+    for i in range(4):
+        alone = SamplingParams(max_tokens=8, temperature=1.0, seed=11 + i)
+        assert texts[i] == await text_of(engine, ids, alone)
+    assert len(set(texts.values())) > 1

@@ -1,37 +1,48 @@
-"""Embeddings and audio routes on the ingress: parse and check the request, call the family's
-deployment, shape the answer (JSON, plain text, subtitles or server-sent events)."""
+"""``/v1/audio/transcriptions`` and ``/v1/audio/translations``: read the multipart upload,
+call the transcription deployment, answer as JSON, plain text, subtitles or server-sent
+events."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
-from fastapi import Request
-from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from deployments.http import SSE_DONE, sse_event
 from mlx_orchard.errors import InvalidRequestError, PayloadTooLargeError
 from mlx_orchard.protocol.audio import (
+    TranscriptDelta,
+    TranscriptDone,
     Transcription,
     TranscriptionForm,
     TranscriptionVerbose,
-    TranscriptDelta,
-    TranscriptDone,
     to_srt,
     to_vtt,
 )
-from mlx_orchard.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 
+if TYPE_CHECKING:
+    from deployments.ingress import Ingress
+
+FAMILY = "transcription"
 FORM_SLACK = 64 * 1024  # multipart headers and the small fields around the file
 
 
-async def embeddings(req: EmbeddingRequest, ingress) -> Response:
-    _, handle = ingress.route(req.model, "embeddings")
-    vectors, tokens = await handle.embed.remote(req.texts_or_ids(), truncate=req.truncate, dimensions=req.dimensions)
-    body = EmbeddingResponse.build(req.model, vectors, tokens, req.encoding_format)
-    # Serialized here: FastAPI would otherwise validate the whole response model once more.
-    return Response(body.model_dump_json(), media_type="application/json")
+def router(ingress: Ingress) -> APIRouter:
+    api = APIRouter()
+
+    @api.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request):
+        return await ingress.bounded(transcribe(request, ingress, "transcribe"))
+
+    @api.post("/v1/audio/translations")
+    async def translations(request: Request):
+        return await ingress.bounded(transcribe(request, ingress, "translate"))
+
+    return api
 
 
 async def _read_upload(request: Request, limit: int) -> tuple[bytes, TranscriptionForm]:
@@ -60,9 +71,9 @@ async def _read_upload(request: Request, limit: int) -> tuple[bytes, Transcripti
         await form.close()
 
 
-async def transcribe(request: Request, ingress, task: str):
+async def transcribe(request: Request, ingress: Ingress, task: str):
     data, form = await _read_upload(request, int(ingress.options.max_upload_mb * 1e6))
-    _, handle = ingress.route(form.model, "whisper")
+    _, handle = ingress.route(form.model, FAMILY)
     result: TranscriptionVerbose = await handle.transcribe.remote(
         data,
         task=task,

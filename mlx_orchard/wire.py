@@ -1,0 +1,69 @@
+"""What crosses between the ingress and the model replicas: plain dataclasses, no MLX.
+
+The ingress runs anywhere (it reserves no CPU and may sit on a node without MLX), so
+it imports these and the protocol models, never an engine. Replicas turn them into
+engine arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+# What a request gets when neither it nor the model's config says otherwise.
+BUILTIN_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What a request asks of generation. ``None`` means "the model's default": the replica
+    fills those in (``with_defaults``), so the ingress never carries model settings."""
+
+    max_tokens: int | None = None  # None: whatever the context leaves, capped by the engine's default
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    def with_defaults(self, **defaults: float | int | None) -> SamplingParams:
+        """Unset fields from ``defaults`` (a model's config), then from the built-in values."""
+        unset: dict[str, Any] = {
+            f.name: defaults.get(f.name) if defaults.get(f.name) is not None else BUILTIN_SAMPLING[f.name]
+            for f in fields(self)
+            if f.name in BUILTIN_SAMPLING and getattr(self, f.name) is None
+        }
+        return replace(self, **unset) if unset else self
+
+    def with_changes(self, **changes) -> SamplingParams:
+        return replace(self, **changes)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Accepted:
+    """First item of every LLM generate stream: the request passed its checks and its
+    sequences joined the batch on this replica."""
+
+    prompt_tokens: int
+    served_by: str  # "<deployment>#<replica id>@<node id prefix>", for the X-Orchard-Replica header
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
+@dataclass(slots=True)
+class ChoiceChunk:
+    """New text of one choice (several engine steps may be coalesced). Only what the ingress
+    reads: with ``stream=False`` one chunk per choice, holding all its text."""
+
+    index: int
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None  # "stop" | "length" | None while running

@@ -1,0 +1,247 @@
+"""The fast tier: the ingress's routers, middleware and error mapping in process, with
+stand-in deployment handles (no Ray Serve, no model). The end-to-end tests against real
+Serve and real models stay the reference; these pin down formatting and error paths that
+are slow or impossible to provoke there."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+from ray.serve.exceptions import BackPressureError
+
+from deployments.ingress import Ingress, ModelRoute, build_api
+from mlx_orchard.config import IngressOptions
+from mlx_orchard.errors import InvalidRequestError, OverloadedError
+from mlx_orchard.wire import Accepted, ChoiceChunk
+
+
+
+class _Stream:
+    """What ``handle.options(stream=True).generate.remote(...)`` returns."""
+
+    def __init__(self, items):
+        self._items = items
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self._items:
+            raise StopAsyncIteration
+        item = self._items.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        if isinstance(item, float):  # a pause, then the next item
+            await asyncio.sleep(item)
+            return await self.__anext__()
+        return item
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _Method:
+    def __init__(self, fn):
+        self._fn = fn
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def remote(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self._fn(*args, **kwargs)
+
+
+class LLMHandle:
+    """Answers every generate call with a scripted stream (or raises a scripted error)."""
+
+    def __init__(self, script):
+        self.script = script
+        self.generate = _Method(lambda params, **kw: _Stream(list(self.script(params, **kw))))
+
+    def options(self, **_):
+        return self
+
+
+class EmbeddingsHandle:
+    def __init__(self, result):
+        async def embed(inputs, **kw):
+            if isinstance(result, BaseException):
+                raise result
+            return result
+
+        self.embed = _Method(embed)
+
+
+def two_choices(params, *, n, stream, **prompt):
+    """Choice 0 says Hello, choice 1 (when asked for) Bonjour, interleaved."""
+    yield Accepted(prompt_tokens=7, served_by="llm-x#r1@node", cached_tokens=3)
+    if stream:
+        chunks = [ChoiceChunk(0, "Hel", 1), ChoiceChunk(1, "Bon", 1), ChoiceChunk(0, "lo", 2, "stop")]
+        chunks.append(ChoiceChunk(1, "jour", 2, "length"))
+    else:
+        chunks = [ChoiceChunk(1, "Bonjour", 2, "length"), ChoiceChunk(0, "Hello", 2, "stop")]
+    yield from (c for c in chunks if c.index < n)
+
+
+def app_with(handles: dict, **options) -> httpx.AsyncClient:
+    routes = {
+        "m": ModelRoute(name="m", family="llm", deployment="llm"),
+        "e": ModelRoute(name="e", family="embeddings", deployment="emb"),
+    }
+    ingress = Ingress(routes, handles, IngressOptions(**options))
+    # As a server would: a 500 is answered (and logged), not raised into the client.
+    transport = httpx.ASGITransport(app=build_api(ingress), raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://orchard")
+
+
+def chat_body(**kw):
+    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw}
+
+
+@pytest.mark.asyncio
+async def test_chat_is_one_call_for_n_choices_and_sums_usage():
+    handle = LLMHandle(two_choices)
+    async with app_with({"llm": handle}) as http:
+        r = await http.post("/v1/chat/completions", json=chat_body(n=2))
+    assert r.status_code == 200
+    body = r.json()
+    assert [c["message"]["content"] for c in body["choices"]] == ["Hello", "Bonjour"]
+    assert [c["finish_reason"] for c in body["choices"]] == ["stop", "length"]
+    assert body["usage"] == {
+        "prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11, "prompt_tokens_details": {"cached_tokens": 3}
+    }
+    assert r.headers["x-orchard-replica"] == "llm-x#r1@node"
+    (args, kwargs), = handle.generate.calls  # n choices: one call, one prefill
+    assert kwargs["n"] == 2 and kwargs["messages"] == [{"role": "user", "content": "hi"}]
+    assert args[0].temperature is None  # unset: the replica applies the model's default
+
+
+@pytest.mark.asyncio
+async def test_chat_stream_frames_every_choice_and_the_usage():
+    async with app_with({"llm": LLMHandle(two_choices)}) as http:
+        r = await http.post("/v1/chat/completions", json=chat_body(n=2, stream=True, stream_options={"include_usage": True}))
+    events = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = {0: "", 1: ""}
+    finish = {}
+    for c in chunks[:-1]:
+        (choice,) = c["choices"]
+        text[choice["index"]] += choice["delta"].get("content") or ""
+        if choice["finish_reason"]:
+            finish[choice["index"]] = choice["finish_reason"]
+    assert text == {0: "Hello", 1: "Bonjour"} and finish == {0: "stop", 1: "length"}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+@pytest.mark.asyncio
+async def test_completions_number_choices_across_prompts():
+    handle = LLMHandle(two_choices)
+    async with app_with({"llm": handle}) as http:
+        r = await http.post("/v1/completions", json={"model": "m", "prompt": ["a", "b"], "n": 2})
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in r.json()["choices"]] == ["Hello", "Bonjour"] * 2
+    assert r.json()["usage"]["prompt_tokens"] == 14
+    assert len(handle.generate.calls) == 2
+
+
+@pytest.mark.parametrize(
+    "error, status, code",
+    [
+        (InvalidRequestError("bad prompt", param="prompt"), 400, None),
+        (OverloadedError("busy"), 503, "overloaded"),
+        (BackPressureError(num_queued_requests=3, max_queued_requests=2), 503, "overloaded"),
+        (ValueError("an MLX shape error with internals"), 500, None),
+    ],
+)
+@pytest.mark.asyncio
+async def test_errors_before_the_answer_are_statuses_in_the_error_schema(error, status, code):
+    def failing(params, **kw):
+        raise error
+        yield  # a generator
+
+    async with app_with({"llm": LLMHandle(failing)}) as http:
+        r = await http.post("/v1/chat/completions", json=chat_body(stream=True))
+    assert r.status_code == status
+    body = r.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"} and body["code"] == code
+    if status == 503:
+        assert r.headers["retry-after"] == "1"
+    if status == 500:
+        assert "MLX" not in body["message"]  # details stay in the log
+
+
+@pytest.mark.asyncio
+async def test_an_error_after_the_stream_began_is_an_event_then_done():
+    def breaks(params, **kw):
+        yield Accepted(prompt_tokens=1, served_by="r")
+        yield ChoiceChunk(0, "Hi", 1)
+        yield RuntimeError("replica lost")
+
+    async with app_with({"llm": LLMHandle(breaks)}) as http:
+        r = await http.post("/v1/chat/completions", json=chat_body(stream=True))
+    events = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e]
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["type"] == "server_error"
+
+
+@pytest.mark.asyncio
+async def test_the_request_timeout_is_504_before_and_an_event_after_the_answer_starts():
+    def slow_start(params, **kw):
+        yield 5.0
+        yield Accepted(prompt_tokens=1, served_by="r")
+
+    def slow_middle(params, **kw):
+        yield Accepted(prompt_tokens=1, served_by="r")
+        yield ChoiceChunk(0, "Hi", 1)
+        yield 5.0
+        yield ChoiceChunk(0, "!", 2, "stop")
+
+    async with app_with({"llm": LLMHandle(slow_start)}, request_timeout_s=0.3) as http:
+        r = await http.post("/v1/chat/completions", json=chat_body())
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    async with app_with({"llm": LLMHandle(slow_middle)}, request_timeout_s=0.3) as http:
+        r = await http.post("/v1/chat/completions", json=chat_body(stream=True))
+    events = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "timeout"
+
+
+@pytest.mark.asyncio
+async def test_embeddings_route_checks_the_family_and_formats_vectors():
+    vectors = np.array([[0.6, 0.8]], dtype=np.float32)
+    async with app_with({"llm": LLMHandle(two_choices), "emb": EmbeddingsHandle((vectors, 3))}) as http:
+        ok = await http.post("/v1/embeddings", json={"model": "e", "input": "x", "encoding_format": "float"})
+        wrong = await http.post("/v1/embeddings", json={"model": "m", "input": "x"})
+        missing = await http.post("/v1/embeddings", json={"model": "nope", "input": "x"})
+    assert ok.json()["data"][0]["embedding"] == pytest.approx([0.6, 0.8])
+    assert ok.json()["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
+    assert wrong.status_code == 400 and missing.status_code == 404
+
+
+@pytest.mark.asyncio
+async def test_body_limit_and_api_key():
+    async with app_with({"llm": LLMHandle(two_choices)}, max_body_mb=0.001, api_key="k") as http:
+        refused = await http.post("/v1/chat/completions", json=chat_body())
+        big = await http.post("/v1/chat/completions", json=chat_body(user="x" * 2000), headers={"Authorization": "Bearer k"})
+        ok = await http.post("/v1/chat/completions", json=chat_body(), headers={"Authorization": "Bearer k"})
+    assert refused.status_code == 401
+    assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
+    assert ok.status_code == 200
+
+
+def test_the_ingress_imports_no_mlx():
+    # The ingress runs on any node (it reserves no CPU): it must not need MLX to start.
+    code = (
+        "import sys, graph, deployments.ingress\n"
+        "from mlx_orchard.families import FAMILIES\n"
+        "[f.router_factory() for f in FAMILIES]\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'mlx_whisper', 'mlx_embeddings')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
