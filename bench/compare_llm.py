@@ -31,6 +31,7 @@ import yaml
 from bench import procinfo
 from bench.loadgen import LevelResult, format_table, one_token_latency, run_levels
 from bench.servers import Server, free_port
+from mlx_orchard.families import FAMILIES
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -76,9 +77,9 @@ def orchard_server(config_path: Path, port: int, workdir: Path, full: bool = Fal
         # Only the benchmarked LLM: other families' replicas would load and idle on the same 2 cores.
         for app in config["applications"]:
             a = app["args"]
-            for key in [k for k, v in a.items() if k != "llm" and isinstance(v, list) and v and "source" in v[0]]:
-                a[key] = []
-            a["llm"] = a["llm"][:1]
+            for family in FAMILIES:
+                if family.key in a:
+                    a[family.key] = a[family.key][:1] if family.name == "llm" else []
     tmp = workdir / "serve_config.yaml"
     tmp.write_text(yaml.safe_dump(config, sort_keys=False))
     # The environment `make serve` gives it: throughput-optimized Serve, workers at normal priority.

@@ -22,8 +22,10 @@ import yaml
 from bench.compare_llm import RESULTS, ROOT, _cpu_model, _git_commit, log  # noqa: F401 - re-exported
 from bench.compare_llm import _load as load_average
 from bench.servers import Server
+from mlx_orchard.families import FAMILIES as _FAMILIES
 
-FAMILIES = ("llm", "embeddings", "whisper")
+# The config keys of every family's model list, from the registry.
+FAMILIES = tuple(f.key for f in _FAMILIES)
 # `serve run` spends ~30 s in Serve's graceful shutdown on Ctrl-C here; the session kill that
 # follows stops everything anyway, so the benchmarks wait less.
 STOP_GRACE_S = 8.0

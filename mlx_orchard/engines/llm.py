@@ -1,4 +1,4 @@
-"""Continuous-batching text generation over mlx-lm's ``BatchGenerator``.
+"""Continuous-batching text generation over a ``BatchBackend`` (mlx-lm's ``BatchGenerator``).
 
 One dedicated thread owns the model and the batch: it admits new sequences and
 drops cancelled ones between steps, so requests join and leave the running batch
@@ -39,6 +39,7 @@ from mlx_lm.models.cache import (
     trim_prompt_cache,
 )
 
+from mlx_orchard.engines.batch_backend import BatchBackend, MlxLmBatch, StepToken
 from mlx_orchard.engines.detokenize import IncrementalDetokenizer
 from mlx_orchard.engines.sampling import (
     SamplingParams,
@@ -192,7 +193,6 @@ class LLMEngine:
 
     def _load(self) -> None:
         from mlx_lm import load
-        from mlx_lm.generate import BatchGenerator
 
         self.model, self.tokenizer, config = load(self.model_path, return_config=True)  # type: ignore[misc]
         self.context_length = int(
@@ -202,14 +202,14 @@ class LLMEngine:
         self.vocab_size = int(config.get("vocab_size") or len(self.tokenizer.vocab))
         self.eos_token_ids = set(self.tokenizer.eos_token_ids)
         self.kv_bytes_per_token = self._measure_kv_bytes_per_token()
-        self._make_generator = lambda: BatchGenerator(
+        self._make_generator = lambda: MlxLmBatch(
             self.model,
             stop_tokens=[[t] for t in self.eos_token_ids],
             completion_batch_size=self.max_batch_size,
             prefill_batch_size=self.prefill_batch_size,
             prefill_step_size=self.prefill_step_size,
         )
-        self._generator = self._make_generator()
+        self._generator: BatchBackend = self._make_generator()
         # KV caches of finished sequences, found again by longest common token prefix: chat
         # requests share their system prompt, and a conversation's next turn extends the last.
         self._prefix_cache = (
@@ -408,7 +408,7 @@ class LLMEngine:
         self._admit_pending()
         if not self._running:
             return
-        _, responses = self._generator.next()
+        responses = self._generator.step()
         self._steps += 1
         for r in responses:
             seq = self._running.get(r.uid)
@@ -418,18 +418,19 @@ class LLMEngine:
                 self._spawn_followers(seq, r)
             self._on_token(seq, r.token, r.finish_reason)
             if r.finish_reason and self._prefix_cache is not None:
-                self._remember(list(r.all_tokens), r.prompt_cache)
+                self._remember(r.all_tokens or [], r.prompt_cache or [])
         self._fail_poisoned()
 
-    def _spawn_followers(self, leader: _Sequence, response: Any) -> None:
+    def _spawn_followers(self, leader: _Sequence, response: StepToken) -> None:
         followers, leader.followers = [f for f in leader.followers if not f.done], []
         if not followers:
             return
         try:
             if response.finish_reason:
-                cache, held = response.prompt_cache, list(response.all_tokens)
+                cache, held = response.prompt_cache or [], response.all_tokens or []
             else:
-                cache, held = self._generator.extract_cache([leader.uid])[leader.uid]
+                assert leader.uid is not None
+                cache, held = self._generator.extract_cache(leader.uid)
             keep = len(leader.prompt) - 1  # the last prompt token is re-run for its logits
             trim = len(held) - keep
             if trim < 0 or not can_trim_prompt_cache(cache):

@@ -124,15 +124,15 @@ async def test_a_failed_step_is_retried_for_its_sequences(engine):
     alone = [await text_of(engine, i) for i in ids]
     failed_before = engine.stats().failed_steps
     generator = engine._generator
-    real_next, calls = generator.next, []
+    real_step, calls = generator.step, []
 
     def flaky():
         calls.append(1)
         if len(calls) == 3:  # mid-generation, once
             raise RuntimeError("simulated step failure (e.g. out of memory)")
-        return real_next()
+        return real_step()
 
-    generator.next = flaky
+    generator.step = flaky
     assert list(await asyncio.gather(*(text_of(engine, i) for i in ids))) == alone
     assert engine.stats().failed_steps == failed_before + 1
     assert engine._generator is not generator
@@ -143,7 +143,7 @@ async def test_a_sequence_in_two_failed_steps_fails_and_the_engine_carries_on(en
 
     def broken_generator():
         g = real_make()
-        g.next = lambda: (_ for _ in ()).throw(RuntimeError("always failing step"))
+        g.step = lambda: (_ for _ in ()).throw(RuntimeError("always failing step"))
         return g
 
     ids = prompt(engine, "Name a bird.")

@@ -1,0 +1,92 @@
+"""The continuous batch an engine loop drives, as a small protocol.
+
+``LLMEngine`` owns the loop (admission, cancellation, stop strings, prefix cache, retries)
+and talks to the batch only through ``BatchBackend``: insert sequences, step once, remove
+sequences, copy one sequence's KV cache. mlx-lm's ``BatchGenerator`` sits behind it as
+``MlxLmBatch``; a vision-language batch generator (mlx-vlm) can sit behind it the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass
+class StepToken:
+    """One sequence's new token from a step."""
+
+    uid: int
+    token: int
+    finish_reason: str | None  # "stop" (a stop token) | "length" | None
+    all_tokens: list[int] | None = None  # when finished: the tokens its KV cache holds
+    prompt_cache: list | None = None  # when finished: that KV cache
+
+
+class BatchBackend(Protocol):
+    def insert(
+        self,
+        prompts: list[list[int]],
+        *,
+        caches: list[list | None],
+        all_tokens: list[list[int]],
+        max_tokens: list[int],
+        samplers: list[Callable | None],
+        logits_processors: list[list[Callable]],
+    ) -> list[int]:
+        """Queue sequences (each may start from a KV cache holding ``all_tokens``); their uids."""
+
+    def step(self) -> list[StepToken]:
+        """Advance every sequence by one step (prefilling newcomers a chunk at a time)."""
+
+    def remove(self, uids: list[int]) -> None: ...
+
+    def extract_cache(self, uid: int) -> tuple[list, list[int]]:
+        """A copy of one running sequence's KV cache and the tokens it holds."""
+
+
+class MlxLmBatch:
+    """mlx-lm's ``BatchGenerator`` as a ``BatchBackend``."""
+
+    def __init__(self, model: Any, *, stop_tokens: list[list[int]], completion_batch_size: int,
+                 prefill_batch_size: int, prefill_step_size: int):
+        from mlx_lm.generate import BatchGenerator
+
+        self._generator = BatchGenerator(
+            model,
+            stop_tokens=stop_tokens,
+            completion_batch_size=completion_batch_size,
+            prefill_batch_size=prefill_batch_size,
+            prefill_step_size=prefill_step_size,
+        )
+
+    def insert(self, prompts, *, caches, all_tokens, max_tokens, samplers, logits_processors) -> list[int]:
+        return self._generator.insert(
+            prompts,
+            caches=caches,
+            all_tokens=all_tokens,
+            max_tokens=max_tokens,
+            samplers=samplers,
+            logits_processors=logits_processors,
+        )
+
+    def step(self) -> list[StepToken]:
+        _, responses = self._generator.next()
+        return [
+            StepToken(
+                r.uid,
+                r.token,
+                r.finish_reason,
+                list(r.all_tokens) if r.finish_reason else None,
+                r.prompt_cache if r.finish_reason else None,
+            )
+            for r in responses
+        ]
+
+    def remove(self, uids: list[int]) -> None:
+        self._generator.remove(uids)
+
+    def extract_cache(self, uid: int) -> tuple[list, list[int]]:
+        cache, tokens = self._generator.extract_cache([uid])[uid]
+        return cache, list(tokens)
