@@ -60,7 +60,7 @@ class EmbeddingsDeployment(MLXThread, LiveBatching):
             raise
         return vectors, sum(len(x) for x in ids)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    @serve.batch  # its size and wait come from the entry's `batching` (reconfigure), nowhere else
     async def _run_batch(self, jobs: list[_Job]) -> list[np.ndarray]:
         self.record_batch(len(jobs))
         flat = [ids for job in jobs for ids in job.ids]

@@ -60,7 +60,7 @@ class WhisperDeployment(MLXThread, LiveBatching):
             result = (await self.on_mlx_thread(self.engine.transcribe, [clip]))[0]
         return _verbose(result, task)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    @serve.batch  # its size and wait come from the entry's `batching` (reconfigure), nowhere else
     async def _run_batch(self, clips: list[ClipRequest]) -> list[TranscriptionResult]:
         self.record_batch(len(clips))
         return await self.on_mlx_thread(self.engine.transcribe, clips)

@@ -5,6 +5,12 @@ the new tokens) and emits the difference. The window keeps a little left context
 tokenizers that drop a leading space at the start of a decode (SentencePiece) still
 produce it mid-text, and a delta that ends in an incomplete UTF-8 sequence (U+FFFD) is
 held back until the next token completes the character.
+
+Why not mlx-lm's streaming detokenizers: measured on SmolLM2's tokenizer, mlx-lm's
+``BPEStreamingDetokenizer`` drops the space before a completion's first word (" Paris"
+streams as "Paris"), so streamed text differed from ``decode()``; OpenAI clients
+concatenate deltas and expect exactly the text a non-streamed answer has
+(tests/engines/test_detokenize.py checks that equality on the real tokenizer).
 """
 
 from __future__ import annotations
