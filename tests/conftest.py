@@ -7,7 +7,10 @@ so the tests exercise the default configuration users get.
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,11 +18,72 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def _session_dir() -> tuple[Path, bool]:
+    """One directory under the system temp dir for everything this test session writes.
+
+    Kept in ORCHARD_TEST_TMP so Ray workers (and any second import of this module) reuse
+    it rather than making their own. Set ORCHARD_TEST_TMP yourself to keep a directory,
+    and its converted models, across sessions; a directory made here is removed at the end.
+    """
+    given = os.environ.get("ORCHARD_TEST_TMP")
+    if given:
+        return Path(given), False
+    # A session killed before pytest_unconfigure leaves its directory (up to ~600 MB of
+    # converted models): remove those whose pytest process is gone.
+    for stale in Path(tempfile.gettempdir()).glob("orchard-tests-*-*"):
+        pid = stale.name.split("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f"orchard-tests-{os.getpid()}-"))
+    os.environ["ORCHARD_TEST_TMP"] = str(path)
+    return path, True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+# Set before Ray, Hugging Face or Orchard's model code is imported; Ray's workers inherit
+# os.environ, so replicas write here too. Without this the tests would write under $HOME:
+# ~/.cache/orchard (converted models), ~/.cache/huggingface, ~/.config/pulse (libpulse,
+# loaded by espeak-ng) and ~/.ray/auth_token (below). Ray's temp dir is /tmp/ray already.
+SESSION_DIR, _SESSION_DIR_IS_OURS = _session_dir()
+os.environ["ORCHARD_CACHE"] = str(SESSION_DIR / "orchard")  # GGUF/CT2 -> MLX, once per session
+os.environ["HF_HOME"] = str(SESSION_DIR / "huggingface")
+os.environ["XDG_CACHE_HOME"] = str(SESSION_DIR / "cache")
+os.environ["XDG_CONFIG_HOME"] = str(SESSION_DIR / "config")  # espeak-ng's libpulse writes ~/.config/pulse
+
+# Ray token auth. A new local cluster (ray.init() here, `serve run` in `make serve`) turns
+# token auth on when RAY_AUTH_MODE is unset, and writes a token to ~/.ray/auth_token if it
+# finds none (ray/_private/worker.py, ensure_token_if_auth_enabled). The session has its
+# own token file instead: RAY_AUTH_TOKEN_PATH is where every Ray process of the session
+# (driver, raylet, dashboard, workers, tests/cluster's nodes) looks for it.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+_TOKEN = SESSION_DIR / "ray" / "auth_token"
+if not _TOKEN.exists():
+    _TOKEN.parent.mkdir(parents=True, exist_ok=True)
+    _TOKEN.touch(mode=0o600)
+    _TOKEN.write_text(secrets.token_hex(32))
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN)
+os.environ.pop("RAY_AUTH_TOKEN", None)  # it would win over RAY_AUTH_TOKEN_PATH
+
 # What the README's `serve` command sets: Serve's throughput-optimized mode.
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 os.environ.setdefault("RAY_worker_niceness", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def pytest_unconfigure(config) -> None:
+    if _SESSION_DIR_IS_OURS:
+        shutil.rmtree(SESSION_DIR, ignore_errors=True)
 
 
 def _free_port() -> int:
