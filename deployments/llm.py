@@ -70,18 +70,21 @@ class LLMDeployment:
         prompt: str | list[int] | None = None,
         stream: bool = True,
         echo: bool = False,
+        arrived_at: float | None = None,
     ) -> AsyncIterator[Accepted | ChoiceChunk]:
         """Yields ``Accepted`` once the prompt passed its checks and joined the batch (so
         callers can answer 4xx/503 before committing to a 200), then the chunks of its
         ``n`` choices; with stream=False one chunk per choice, holding all its text.
-        The request's unset sampling fields take this model's defaults."""
+        The request's unset sampling fields take this model's defaults. ``arrived_at`` (epoch
+        seconds, from the ingress): time spent in Serve's queues counts as waiting."""
         if messages is not None:
             ids = await self._off_loop(self.engine.encode_chat, messages)
         elif isinstance(prompt, str):
             ids = await self._off_loop(self.engine.encode, prompt)
         else:
             ids = list(prompt or [])
-        chunks = self.engine.generate(ids, params.with_defaults(**self.sampling), n=n)  # raises for a bad request
+        waited = time.time() - arrived_at if arrived_at is not None else 0.0
+        chunks = self.engine.generate(ids, params.with_defaults(**self.sampling), n=n, waited_s=waited)
         # Accepted once the sequences are in the batch: a request shed from the queue still
         # gets a 503 status rather than an error event inside a 200 stream.
         await chunks.admitted()

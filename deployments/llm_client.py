@@ -9,6 +9,7 @@ prefill shared by the n sequences). No MLX here.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -30,7 +31,12 @@ class LLMClient:
         """Send the request and wait until the replica accepted it, so a bad or shed request
         fails here, before any 200 is sent. ``prompt`` is ``messages=`` or ``prompt=``
         (with ``echo=`` for text completions)."""
-        response = cast(DeploymentResponseGenerator, self._generate.remote(params, n=n, stream=stream, **prompt))
+        # When it arrived, so the engine counts time queued in Serve towards its queue limit.
+        arrived = time.time()
+        response = cast(
+            DeploymentResponseGenerator,
+            self._generate.remote(params, n=n, stream=stream, arrived_at=arrived, **prompt),
+        )
         try:
             accepted: Accepted = await response.__anext__()
         except BaseException:

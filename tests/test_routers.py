@@ -21,7 +21,6 @@ from mlx_orchard.errors import InvalidRequestError, OverloadedError
 from mlx_orchard.wire import Accepted, ChoiceChunk
 
 
-
 class _Stream:
     """What ``handle.options(stream=True).generate.remote(...)`` returns."""
 

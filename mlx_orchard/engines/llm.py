@@ -311,13 +311,17 @@ class LLMEngine:
 
     # ---- the asyncio side ----
 
-    def generate(self, prompt: Sequence[int], params: SamplingParams, n: int = 1) -> GenerationStream:
+    def generate(
+        self, prompt: Sequence[int], params: SamplingParams, n: int = 1, *, waited_s: float = 0.0
+    ) -> GenerationStream:
         """Check the request now (raising before anything is queued) and queue it. The
         returned stream says when the request joins the batch (``admitted()``) and then
         yields the chunks of its ``n`` choices; closing it early removes them from the batch.
 
         The n choices share one prefill: choice 0 prefills the prompt, the others start
-        from a copy of its KV cache. With a seed, choice i samples with seed + i."""
+        from a copy of its KV cache. With a seed, choice i samples with seed + i.
+        ``waited_s``: how long the request already queued before it reached the engine (in
+        Serve's queues); it counts towards ``max_queue_wait_s``."""
         if not self.is_alive():
             raise ServiceUnavailableError("the generation loop is not running")
         if not 1 <= n <= self.max_batch_size:
@@ -325,7 +329,7 @@ class LLMEngine:
         max_tokens, params = self.check_request(prompt, params)
         if self._waiting + len(self._pending) >= self.max_waiting:
             raise OverloadedError("The model has too many requests waiting; retry shortly.")
-        loop, out, now = asyncio.get_running_loop(), _Mailbox(), time.monotonic()
+        loop, out, now = asyncio.get_running_loop(), _Mailbox(), time.monotonic() - max(0.0, waited_s)
         seqs = [
             _Sequence(
                 prompt=list(prompt),
@@ -404,8 +408,8 @@ class LLMEngine:
 
     def _iterate(self) -> None:
         self._take_commands(block=not self._running and not self._pending)
-        self._expire_pending()
         self._admit_pending()
+        self._expire_pending()  # what could not join the batch now, and has waited too long
         if not self._running:
             return
         responses = self._generator.step()

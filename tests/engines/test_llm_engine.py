@@ -216,3 +216,18 @@ async def test_n_choices_prefill_their_prompt_once(engine):
         alone = SamplingParams(max_tokens=8, temperature=1.0, seed=11 + i)
         assert texts[i] == await text_of(engine, ids, alone)
     assert len(set(texts.values())) > 1
+
+
+async def test_time_queued_before_the_engine_counts_but_a_free_batch_still_admits(engine, monkeypatch):
+    ids = prompt(engine, "Name a lake.")
+    monkeypatch.setattr(engine, "max_queue_wait_s", 5.0)
+    stream = engine.generate(ids, GREEDY, waited_s=60.0)  # long in Serve's queue, but the batch is free
+    await stream.admitted()
+    assert "".join([c.text async for c in stream])
+    monkeypatch.setattr(engine, "kv_budget", (len(ids) + 60) * engine.kv_bytes_per_token + 1)
+    first = engine.generate(ids, SamplingParams(max_tokens=60, temperature=0))
+    await first.admitted()
+    late = engine.generate(ids, GREEDY, waited_s=60.0)  # no room now, and already waited too long
+    with pytest.raises(OverloadedError):
+        await asyncio.wait_for(late.admitted(), 5)
+    await first.aclose()
