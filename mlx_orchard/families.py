@@ -82,10 +82,6 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
-def family(name: str) -> Family:
-    return next(f for f in FAMILIES if f.name == name)
-
-
 class _ArgsBase(Strict):
     ingress: IngressOptions = IngressOptions()
     runtime: RuntimeOptions = RuntimeOptions()

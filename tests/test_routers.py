@@ -234,6 +234,16 @@ async def test_body_limit_and_api_key():
     assert ok.status_code == 200
 
 
+def test_every_family_serves_the_endpoints_the_registry_declares():
+    from mlx_orchard.families import FAMILIES
+
+    app = build_api(Ingress({}, {}, IngressOptions()))
+    posts = {path for path, ops in app.openapi()["paths"].items() if "post" in ops}
+    for family in FAMILIES:
+        assert set(family.endpoints) <= posts, family.name
+    assert posts == {e for f in FAMILIES for e in f.endpoints}
+
+
 def test_the_ingress_imports_no_mlx():
     # The ingress runs on any node (it reserves no CPU): it must not need MLX to start.
     code = (
