@@ -35,6 +35,10 @@ class InvalidRequestError(OrchardError, ValueError):
     type = "invalid_request_error"
 
 
+class InputTooLongError(InvalidRequestError):
+    """An embeddings input has more tokens than the model accepts (and no truncation)."""
+
+
 class ContextLengthExceededError(InvalidRequestError):
     code = "context_length_exceeded"
 

@@ -16,7 +16,11 @@ import numpy as np
 from mlx_embeddings.utils import load_model
 from tokenizers import Tokenizer
 
-from mlx_orchard.errors import InvalidRequestError
+# Errors that reach the ingress live in mlx_orchard.errors: unpickling one there must not
+# import this module (and MLX with it).
+from mlx_orchard.errors import InputTooLongError, InvalidRequestError
+
+__all__ = ["EmbeddingEngine", "InputTooLongError", "SentenceConfig", "shorten"]
 
 # Pooling modes in the order sentence-transformers concatenates them.
 _POOLING_KEYS = {
@@ -27,8 +31,6 @@ _POOLING_KEYS = {
 }
 
 
-class InputTooLongError(InvalidRequestError):
-    """An input has more tokens than the model accepts and truncation was not requested."""
 
 
 @dataclass(frozen=True)
