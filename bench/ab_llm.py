@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -28,6 +27,7 @@ import yaml
 
 from bench import procinfo
 from bench.compare_llm import RESULTS, ROOT, _git_commit, log
+from bench.family_server import write_report
 from bench.loadgen import run_levels
 from bench.servers import Server, free_port
 
@@ -128,9 +128,7 @@ def main() -> None:
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=ROOT, capture_output=True)
     text, summary = report(rounds, levels, args.base)
-    stem = RESULTS / f"ab-llm-{datetime.now():%Y-%m-%d-%H%M}"
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps({"summary": summary, "rounds": rounds}, indent=1, default=str))
+    write_report("ab-llm", text, {"summary": summary, "rounds": rounds})
     print(text)
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
@@ -49,6 +48,7 @@ import httpx
 import yaml
 
 from bench.compare_llm import RESULTS, ROOT, _cpu_model, _git_commit, _load, _versions, log, orchard_server
+from bench.family_server import write_report
 from bench.loadgen import percentile
 from bench.prompts import LATENCY_PROMPT, PROMPTS, chat_messages, tagged
 from bench.servers import free_port
@@ -559,12 +559,9 @@ def main(argv: list[str] | None = None) -> None:
     res["meta"]["wall_s"] = time.perf_counter() - t0
 
     report = render(res)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"overload-{datetime.now().strftime('%Y-%m-%d-%H%M')}"
-    stem.with_suffix(".md").write_text(report)
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
+    path = write_report("overload", report, res)
     print(report)
-    log(f"wrote {stem}.md and .json")
+    log(f"wrote {path} and .json")
 
 
 if __name__ == "__main__":

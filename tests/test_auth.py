@@ -68,12 +68,10 @@ def _ws_status(url: str, **kwargs) -> int | None:
 
 def test_websockets_under_v1_need_the_key_too(secured):
     url = secured.replace("http://", "ws://") + "/v1/realtime"
+    # Refused through real Serve (no WebSocket route exists yet, so that a right key gets
+    # through is checked on a stand-in route in tests/test_routers.py).
     assert _ws_status(url) == 403
     assert _ws_status(url, additional_headers={"Authorization": "Bearer wrong"}) == 403
-    # With the key the handshake gets past the guard (and finds no such route yet: 403 from
-    # the router would be indistinguishable, so check the guard's own 1008 close is gone).
-    assert _ws_status(url, additional_headers={"Authorization": f"Bearer {KEY}"}) != 401
-    assert _ws_status(url, subprotocols=[f"openai-insecure-api-key.{KEY}"]) != 401
 
 
 def test_a_request_over_the_timeout_gets_504_with_the_error_schema(secured):

@@ -234,6 +234,31 @@ async def test_body_limit_and_api_key():
     assert ok.status_code == 200
 
 
+def test_the_api_key_guards_websockets_and_lets_the_key_through():
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    from deployments.http import APIKeyMiddleware
+
+    async def echo(ws):
+        await ws.accept(subprotocol=ws.scope["subprotocols"][0] if ws.scope["subprotocols"] else None)
+        await ws.send_text("open")
+        await ws.close()
+
+    app = APIKeyMiddleware(Starlette(routes=[WebSocketRoute("/v1/realtime", echo)]), api_key="k")
+    client = TestClient(app)
+    for kwargs in ({}, {"headers": {"Authorization": "Bearer wrong"}}, {"subprotocols": ["openai-insecure-api-key.x"]}):
+        with pytest.raises(WebSocketDisconnect) as refused:
+            with client.websocket_connect("/v1/realtime", **kwargs) as ws:
+                ws.receive_text()
+        assert refused.value.code == 1008
+    for kwargs in ({"headers": {"Authorization": "Bearer k"}}, {"subprotocols": ["openai-insecure-api-key.k"]}):
+        with client.websocket_connect("/v1/realtime", **kwargs) as ws:
+            assert ws.receive_text() == "open"
+
+
 def test_every_family_serves_the_endpoints_the_registry_declares():
     from mlx_orchard.families import FAMILIES
 

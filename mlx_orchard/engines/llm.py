@@ -67,10 +67,8 @@ class GenerationChunk:
 
     text: str
     token_ids: list[int]
-    prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None = None  # "stop" | "length" | None while running
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     index: int = 0  # which of the request's n choices
 
 
@@ -636,10 +634,8 @@ class LLMEngine:
         chunk = GenerationChunk(
             text=text,
             token_ids=[token],
-            prompt_tokens=len(seq.prompt),
             completion_tokens=seq.completion_tokens,
             finish_reason=finish_reason,
-            cached_tokens=seq.cached_tokens,
             index=seq.index,
         )
         if not seq.emit(chunk) and not seq.done:  # the caller's loop is gone: stop its work
@@ -762,10 +758,8 @@ def _coalesce(item: object, out: _Mailbox) -> object:
         item = GenerationChunk(
             text=item.text + nxt.text,
             token_ids=item.token_ids + nxt.token_ids,
-            prompt_tokens=nxt.prompt_tokens,
             completion_tokens=nxt.completion_tokens,
             finish_reason=nxt.finish_reason,
-            cached_tokens=nxt.cached_tokens,
             index=item.index,
         )
     return item
