@@ -40,6 +40,7 @@ REPLICA_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 def app_args(config: Path, replicas: int) -> dict:
     args = yaml.safe_load(config.read_text())["applications"][0]["args"]
     llm = args["llm"][0] | {
+        "dedicated": True,
         "deployment": {
             "num_replicas": replicas,
             "max_replicas_per_node": 1,

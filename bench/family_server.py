@@ -47,9 +47,10 @@ def family_server(
         for key in FAMILIES:
             if key in args:
                 args[key] = args[key][:1] if key == family else []
-        if batching:
-            entry = args[family][0]
-            entry["batching"] = {**entry.get("batching", {}), **batching}
+        args["pools"] = {k: v for k, v in (args.get("pools") or {}).items() if k == family}
+        if batching:  # the family pool's live batching knobs
+            pool = args["pools"].setdefault(family, {})
+            pool["batching"] = {**pool.get("batching", {}), **batching}
     path = workdir / f"serve_config-{family}{tag}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_worker_niceness": "0"}

@@ -8,7 +8,7 @@ or queue without bound until every answer comes too late?
 
 Starts Orchard (``serve run`` of a copy of the config with only its first LLM, as
 ``compare_llm`` does; ``--max-queued`` / ``--max-ongoing`` rewrite that LLM's
-``deployment`` options in the copy), then:
+``pools.llm.deployment`` options in the copy), then:
 
 1. **References**: a fixed pool of short chat prompts (``bench.prompts.PROMPTS``, each with
    its own fixed ``Request NNNNN.`` tag), each sent alone, greedy, non-streamed; its answer
@@ -333,9 +333,10 @@ def llm_entry(config_path: Path) -> dict:
 
 
 def write_config(src: Path, dst: Path, max_queued: int | None, max_ongoing: int | None) -> dict:
-    """A copy of ``src`` with the first LLM's Serve queue limits replaced; returns its deployment options."""
+    """A copy of ``src`` with the LLM pool's Serve queue limits replaced; returns its deployment options."""
     config = yaml.safe_load(src.read_text())
-    dep = config["applications"][0]["args"]["llm"][0].setdefault("deployment", {})
+    pools = config["applications"][0]["args"].setdefault("pools", {})
+    dep = pools.setdefault("llm", {}).setdefault("deployment", {})
     if max_queued is not None:
         dep["max_queued_requests"] = max_queued
     if max_ongoing is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import dataclass
+from collections import OrderedDict
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +23,7 @@ from deployments.http import (
     error_response,
     with_deadline,
 )
+from deployments.routers.models import router as models_router
 from deployments.routers.transcription import FORM_SLACK
 from mlx_orchard.config import IngressOptions
 from mlx_orchard.errors import (
@@ -32,16 +33,10 @@ from mlx_orchard.errors import (
     RequestTimeoutError,
 )
 from mlx_orchard.families import FAMILIES
+from mlx_orchard.models.manager import Route
 from mlx_orchard.protocol.common import ErrorBody, ErrorResponse, ModelCard, ModelList
 
-
-@dataclass(frozen=True)
-class ModelRoute:
-    """Where requests for one model name go."""
-
-    name: str  # the canonical name (aliases point at the same route)
-    family: str  # "llm", "embeddings", "transcription", ...
-    deployment: str  # key into the ingress's handles
+_REMEMBERED_ROUTES = 4096  # model ids resolved through the manager, kept for the next request
 
 
 class Ingress:
@@ -50,25 +45,48 @@ class Ingress:
 
     def __init__(
         self,
-        routes: dict[str, ModelRoute],
+        routes: dict[str, Route],
         handles: dict[str, DeploymentHandle],
         options: IngressOptions = IngressOptions(),
+        manager: DeploymentHandle | None = None,
+        management_api: bool = True,
     ):
-        self.routes = routes
-        self.handles = handles
+        self.routes = routes  # configured models and their aliases
+        self.handles = handles  # deployment name -> handle
         self.options = options
+        self.manager = manager  # the model catalog; None: only the configured models exist
+        self.management_api = management_api and manager is not None
         self.api_key = options.api_key or os.environ.get("ORCHARD_API_KEY") or None
+        self._found: OrderedDict[str, Route] = OrderedDict()
+        self._model_handles: dict[tuple[str, str], DeploymentHandle] = {}
 
-    def route(self, model: str, family: str) -> tuple[ModelRoute, DeploymentHandle]:
-        route = self.routes.get(model)
+    async def route(self, model: str, family: str | None) -> tuple[Route, DeploymentHandle]:
+        """The route of ``model`` and a handle whose calls carry it as Serve's multiplexed
+        model id (so they reach a replica that has it loaded). Ids that are not configured
+        are resolved by the model manager (found on disk, or downloaded when allowed)."""
+        route = self.routes.get(model) or self._found.get(model)
         if route is None:
-            raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
-        if route.family != family:
+            if self.manager is None:
+                raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
+            route = await self.manager.resolve.remote(model, self.options.request_timeout_s)
+            self._found[model] = route
+            while len(self._found) > _REMEMBERED_ROUTES:
+                self._found.popitem(last=False)
+        if family is not None and route.family != family:
             raise InvalidRequestError(
                 f"The model `{model}` is a {route.family} model and cannot serve this endpoint.",
                 param="model",
             )
-        return route, self.handles[route.deployment]
+        return route, self.model_handle(route)
+
+    def model_handle(self, route: Route) -> DeploymentHandle:
+        key = (route.deployment, route.name)
+        handle = self._model_handles.get(key)
+        if handle is None:
+            handle = self.handles[route.deployment].options(multiplexed_model_id=route.name)
+            if len(self._model_handles) < _REMEMBERED_ROUTES:
+                self._model_handles[key] = handle
+        return handle
 
     async def bounded(self, work):
         """Await a route's work under the request timeout: 504 before the answer starts, a
@@ -88,8 +106,18 @@ class Ingress:
             response.body_iterator = with_deadline(response.body_iterator, deadline)
         return response
 
-    def model_list(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=name, family=r.family) for name, r in self.routes.items()])
+    async def model_list(self) -> ModelList:
+        if self.manager is None:
+            return ModelList(data=[ModelCard(id=name, family=r.family) for name, r in self.routes.items()])
+        return ModelList(data=await self.manager.cards.remote())
+
+    async def model_card(self, model: str) -> ModelCard:
+        if self.manager is None:
+            for card in (await self.model_list()).data:
+                if card.id == model:
+                    return card
+            raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
+        return await self.manager.card.remote(model)
 
 
 # An ingress waits on I/O: it reserves no CPU, so it never blocks model replicas from placing.
@@ -129,17 +157,7 @@ def build_api(ingress: Ingress) -> FastAPI:
     async def cluster() -> ClusterView:
         return await asyncio.to_thread(cluster_view)
 
-    @app.get("/v1/models")
-    async def list_models() -> ModelList:
-        return ingress.model_list()
-
-    @app.get("/v1/models/{model:path}")
-    async def get_model(model: str) -> ModelCard:
-        for card in ingress.model_list().data:
-            if card.id == model:
-                return card
-        raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
-
+    app.include_router(models_router(ingress))
     for family in FAMILIES:
         app.include_router(family.router_factory()(ingress))
 

@@ -1,4 +1,4 @@
-"""The LLM family: a thin Ray Serve deployment over ``LLMEngine`` (continuous batching)."""
+"""The LLM family: a thin Ray Serve deployment over ``LLMEngine`` (continuous batching per loaded model)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,19 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
-import ray
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 
+from deployments.multiplex import MultiplexedFamily
 from mlx_orchard.config import LLMEntry
+from mlx_orchard.engines.fair_lock import FairLock
 from mlx_orchard.engines.llm import EngineStats, LLMEngine
+from mlx_orchard.families import PoolSpec
 from mlx_orchard.models.registry import resolve_llm
 from mlx_orchard.runtime import mlx_uses_cpu_backend, physical_memory_bytes
 from mlx_orchard.wire import Accepted, ChoiceChunk, SamplingParams
@@ -22,13 +27,61 @@ _GB = 1 << 30
 
 
 @serve.deployment(name="llm", max_ongoing_requests=64, health_check_period_s=10)
-class LLMDeployment:
-    def __init__(self, entry: LLMEntry, engine_cls: type[LLMEngine] = LLMEngine):
+class LLMDeployment(MultiplexedFamily):
+    """The LLM pool: each loaded model has its own engine and continuous batch; the engines
+    of one replica take turns on MLX step by step."""
+
+    family_name = "llm"
+
+    async def __init__(self, spec: PoolSpec, manager: DeploymentHandle | None = None):  # type: ignore[misc]  # Ray awaits it
+        self._mlx_lock = FairLock()
+        await self._init_pool(spec, manager)
+
+    def resolve(self, entry: LLMEntry) -> Path:  # type: ignore[override]
         dequantize = mlx_uses_cpu_backend() if entry.dequantize == "auto" else entry.dequantize
-        path = resolve_llm(entry.source, dequantize=dequantize, sha256=entry.sha256)
+        return resolve_llm(entry.source, dequantize=dequantize, sha256=entry.sha256)
+
+    def estimate_bytes(self, entry: LLMEntry, path: Path) -> int:  # type: ignore[override]
+        return super().estimate_bytes(entry, path) + _kv_budget(entry)
+
+    async def load_model(self, entry: LLMEntry, path: Path) -> LLMModel:  # type: ignore[override]
+        return await asyncio.to_thread(LLMModel, entry, path, self._mlx_lock, self.served_by)
+
+    async def generate(self, params: SamplingParams, *, keep_alive_s: float | None = None, **kwargs: Any
+                       ) -> AsyncIterator[Accepted | ChoiceChunk]:
+        """The request's model generates (see ``LLMModel.generate``); it stays loaded meanwhile."""
+        async with self.using(keep_alive_s=keep_alive_s) as model:
+            async for item in model.generate(params, **kwargs):
+                yield item
+
+    def stats(self) -> EngineStats:
+        """The engine stats of the request's model (its multiplexed id)."""
+        slot = self.pool.get(serve.get_multiplexed_model_id() or self._only_model())
+        if slot is None:
+            raise ValueError("that model is not loaded on this replica")
+        return slot.model.engine.stats()
+
+    async def check_health(self) -> None:
+        await self.check_pool_health()
+
+    def __del__(self):
+        pool = getattr(self, "pool", None)
+        for slot in list(pool.slots.values()) if pool is not None else []:
+            slot.model.close()
+
+
+def _kv_budget(entry: LLMEntry) -> int:
+    return int((physical_memory_bytes() / 4) if entry.kv_cache_gb == "auto" else entry.kv_cache_gb * _GB)
+
+
+class LLMModel:
+    """One loaded LLM: its engine, its sampling defaults, its tokenizer thread and metrics."""
+
+    def __init__(self, entry: LLMEntry, path: Path, mlx_lock: AbstractContextManager, served_by: str):
         self.name = entry.name
+        self.served_by = served_by
         self.sampling = entry.sampling.model_dump()  # the model's defaults, under each request's own
-        self.engine = engine_cls(
+        self.engine = LLMEngine(
             path,
             max_batch_size=entry.max_batch_size,
             prefill_batch_size=entry.prefill_batch_size,
@@ -38,17 +91,13 @@ class LLMDeployment:
             prefix_cache_bytes=int(entry.prefix_cache_gb * _GB),
             max_waiting=entry.max_waiting,
             max_queue_wait_s=entry.max_queue_wait_s,
-            kv_cache_bytes=int(
-                (physical_memory_bytes() / 4) if entry.kv_cache_gb == "auto" else entry.kv_cache_gb * _GB
-            ),
+            kv_cache_bytes=_kv_budget(entry),
+            mlx_lock=mlx_lock,
         )
         # Chat templating and tokenization of a large request run here, off the event loop
         # (which streams every other request's tokens) and off the MLX thread. One thread:
         # a fast tokenizer must not be used from two threads at once.
         self._text = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orchard-llm-tokenize")
-        context = serve.get_replica_context()
-        node = ray.get_runtime_context().get_node_id()
-        self.served_by = f"{context.deployment}#{context.replica_id.unique_id}@{node[:12]}"
         tags = {"model": entry.name}
         self._requests = metrics.Counter("orchard_llm_requests", "LLM requests admitted", ("model",))
         self._tokens = metrics.Counter("orchard_llm_generated_tokens", "tokens generated", ("model",))
@@ -119,20 +168,13 @@ class LLMDeployment:
     def _off_loop(self, fn, *args):
         return asyncio.get_running_loop().run_in_executor(self._text, fn, *args)
 
-    def stats(self) -> EngineStats:
-        return self.engine.stats()
-
-    async def check_health(self) -> None:
+    async def check(self) -> None:
         # The loop thread answers between steps: a thread that is alive but stuck fails too.
         try:
             await self.engine.ping(timeout=20.0)
         except Exception as e:
             raise RuntimeError(f"the generation loop of {self.name!r} is not answering") from e
 
-    def __del__(self):
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()
-        text = getattr(self, "_text", None)
-        if text is not None:
-            text.shutdown(wait=False, cancel_futures=True)
+    def close(self) -> None:
+        self.engine.shutdown()
+        self._text.shutdown(wait=False, cancel_futures=True)

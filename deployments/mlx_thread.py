@@ -28,7 +28,7 @@ class MLXThread:
     def construct_on_mlx_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return self._mlx.submit(lambda: fn(*args, **kwargs)).result()
 
-    def check_health(self) -> None:
+    def check_mlx_thread(self) -> None:
         # Serve restarts a replica whose MLX thread can no longer take work.
         if self._mlx_closed:
             raise RuntimeError("the MLX thread of this replica has shut down")

@@ -3,39 +3,53 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from mlx_whisper.audio import N_SAMPLES
 from mlx_whisper.tokenizer import LANGUAGES
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from deployments.batching import LiveBatching
 from deployments.mlx_thread import MLXThread
+from deployments.multiplex import MultiplexedFamily
 from mlx_orchard.audio import AudioDecodeError, decode_audio
 from mlx_orchard.config import BatchingOptions, WhisperEntry
 from mlx_orchard.engines.whisper import ClipRequest, TranscriptionResult, WhisperEngine
 from mlx_orchard.errors import InvalidRequestError
+from mlx_orchard.families import PoolSpec
 from mlx_orchard.models.registry import resolve_whisper
 from mlx_orchard.protocol.audio import (
     TranscriptionSegment,
     TranscriptionVerbose,
     TranscriptionWord,
 )
+from mlx_orchard.runtime import release_mlx_memory
 
 
 @serve.deployment(name="whisper", health_check_period_s=10)
-class WhisperDeployment(MLXThread, LiveBatching):
+class WhisperDeployment(MLXThread, LiveBatching, MultiplexedFamily):
     batch_method = "_run_batch"
+    family_name = "whisper"
 
-    def __init__(self, entry: WhisperEntry):
-        self.name = entry.name
-        self.max_audio_seconds = entry.max_audio_seconds
+    async def __init__(self, spec: PoolSpec, manager: DeploymentHandle | None = None):  # type: ignore[misc]  # Ray awaits it
         self._init_mlx_thread("whisper")
-        self._init_batching("whisper", entry.name)
-        path = resolve_whisper(entry.source, sha256=entry.sha256)
-        self.engine = self.construct_on_mlx_thread(
-            WhisperEngine, path, max_batch_size=entry.batching.max_batch_size
-        )
+        self._init_batching("whisper", spec.deployment)
+        batching = spec.batching()
+        self.max_batch_size = batching.max_batch_size if batching else 8
+        await self._init_pool(spec, manager)
+
+    def resolve(self, entry: WhisperEntry) -> Path:  # type: ignore[override]
+        return resolve_whisper(entry.source, sha256=entry.sha256)
+
+    async def load_model(self, entry: WhisperEntry, path: Path) -> _Whisper:  # type: ignore[override]
+        engine = await self.on_mlx_thread(lambda: WhisperEngine(path, max_batch_size=self.max_batch_size))
+        return _Whisper(engine, entry.max_audio_seconds)
+
+    async def unload_model(self, model: _Whisper) -> None:  # type: ignore[override]
+        await self.on_mlx_thread(release_mlx_memory)
 
     async def transcribe(
         self,
@@ -46,31 +60,53 @@ class WhisperDeployment(MLXThread, LiveBatching):
         prompt: str | None = None,
         temperature: float = 0.0,
         word_timestamps: bool = False,
+        keep_alive_s: float | None = None,
     ) -> TranscriptionVerbose:
-        # Everything that can fail for this request alone fails here, before it joins a batch.
-        try:
-            samples = await asyncio.to_thread(decode_audio, audio, max_seconds=self.max_audio_seconds)
-        except AudioDecodeError as e:
-            raise InvalidRequestError(str(e), param="file", code="invalid_audio_format") from e
-        language = self.engine.normalize_language(language)
-        clip = ClipRequest(samples, task, language, prompt or None, temperature, word_timestamps)
-        if len(samples) <= N_SAMPLES:
-            result = await self._run_batch(clip)
-        else:  # long audio: mlx-whisper's sliding window, on the same MLX thread
-            result = (await self.on_mlx_thread(self.engine.transcribe, [clip]))[0]
-        return _verbose(result, task)
+        async with self.using(keep_alive_s=keep_alive_s) as model:
+            engine = model.engine
+            # Everything that can fail for this request alone fails here, before it joins a batch.
+            try:
+                samples = await asyncio.to_thread(decode_audio, audio, max_seconds=model.max_audio_seconds)
+            except AudioDecodeError as e:
+                raise InvalidRequestError(str(e), param="file", code="invalid_audio_format") from e
+            language = engine.normalize_language(language)
+            clip = ClipRequest(samples, task, language, prompt or None, temperature, word_timestamps)
+            if len(samples) <= N_SAMPLES:
+                result = await self._run_batch((engine, clip))
+            else:  # long audio: mlx-whisper's sliding window, on the same MLX thread
+                result = (await self.on_mlx_thread(engine.transcribe, [clip]))[0]
+            return _verbose(result, task)
 
-    @serve.batch  # its size and wait come from the entry's `batching` (reconfigure), nowhere else
-    async def _run_batch(self, clips: list[ClipRequest]) -> list[TranscriptionResult]:
+    @serve.batch  # its size and wait come from the pool's `batching` (reconfigure), nowhere else
+    async def _run_batch(self, clips: list[tuple[WhisperEngine, ClipRequest]]) -> list[TranscriptionResult]:
+        # Serve splits batches by model id; grouped by engine all the same.
         self.record_batch(len(clips))
-        return await self.on_mlx_thread(self.engine.transcribe, clips)
+        results: dict[int, TranscriptionResult] = {}
+        for engine in {id(e): e for e, _ in clips}.values():
+            group = [(i, c) for i, (e, c) in enumerate(clips) if e is engine]
+            out = await self.on_mlx_thread(engine.transcribe, [c for _, c in group])
+            results.update({i: r for (i, _), r in zip(group, out)})
+        return [results[i] for i in range(len(clips))]
 
     def apply_batching(self, options: BatchingOptions) -> None:
-        # The engine splits what one @serve.batch call hands it at this size too.
-        self.engine.max_batch_size = options.max_batch_size
+        # The engines split what one @serve.batch call hands them at this size too.
+        self.max_batch_size = options.max_batch_size
+        pool = getattr(self, "pool", None)  # reconfigure runs before the pool exists
+        for slot in pool.slots.values() if pool is not None else []:
+            slot.model.engine.max_batch_size = options.max_batch_size
+
+    async def check_health(self) -> None:
+        self.check_mlx_thread()
+        await self.check_pool_health()
 
     def stats(self) -> dict:
         return self.batch_stats()
+
+
+@dataclass
+class _Whisper:
+    engine: WhisperEngine
+    max_audio_seconds: float
 
 
 def _verbose(result: TranscriptionResult, task: Literal["transcribe", "translate"]) -> TranscriptionVerbose:

@@ -42,6 +42,15 @@ class SamplingDefaults(Strict):
     min_p: float = Field(0.0, ge=0.0, le=1.0)
 
 
+def _with_env(opts: dict[str, Any], env_vars: dict[str, str]) -> dict[str, Any]:
+    actor = dict(opts.get("ray_actor_options") or {})
+    runtime_env = dict(actor.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**env_vars, **(runtime_env.get("env_vars") or {})}
+    actor["runtime_env"] = runtime_env
+    opts["ray_actor_options"] = actor
+    return opts
+
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
 
@@ -53,7 +62,23 @@ class ModelEntry(Strict):
     )
     aliases: list[str] = []
     sha256: str | None = Field(None, description="checked before converting a file source")
+    pinned: bool = Field(
+        True, description="loaded when a replica starts and never evicted (false: loaded on first use, evictable)"
+    )
+    dedicated: bool = Field(
+        False,
+        description="its own deployment (own replicas, `deployment:` options) instead of a place in its family's pool",
+    )
     deployment: DeploymentOptions = DeploymentOptions()
+
+    @model_validator(mode="after")
+    def _deployment_only_when_dedicated(self):
+        if not self.dedicated and "deployment" in self.model_fields_set:
+            raise ValueError(
+                f"{self.name}: `deployment` options apply to a model with `dedicated: true`; "
+                "models in a family's pool share the pool's deployment (`pools.<family>.deployment`)"
+            )
+        return self
 
     @field_validator("name", "aliases")
     @classmethod
@@ -66,16 +91,9 @@ class ModelEntry(Strict):
     def all_names(self) -> list[str]:
         return [self.name, *self.aliases]
 
-    def ray_options(self, env_vars: dict[str, str]) -> dict[str, Any]:
-        """Ray Serve options for this model's deployment, with the process environment its
-        replicas must start with (a BLAS to preload, say)."""
-        opts = self.deployment.ray_options()
-        actor = dict(opts.get("ray_actor_options") or {})
-        runtime_env = dict(actor.get("runtime_env") or {})
-        runtime_env["env_vars"] = {**env_vars, **(runtime_env.get("env_vars") or {})}
-        actor["runtime_env"] = runtime_env
-        opts["ray_actor_options"] = actor
-        return opts
+    def dedicated_pool(self) -> PoolOptions:
+        """A dedicated model is a pool of its own: one model, this entry's deployment options."""
+        return PoolOptions(max_num_models_per_replica=1, deployment=self.deployment, batching=getattr(self, "batching", None))
 
 
 class LLMEntry(ModelEntry):
@@ -109,28 +127,30 @@ class BatchingOptions(Strict):
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
 
 
+def check_batches_can_fill(what: str, batching: BatchingOptions, deployment: DeploymentOptions) -> None:
+    # Serve admits at most max_ongoing_requests per replica and runs one batch at a
+    # time here (max_concurrent_batches=1): a larger batch could never fill.
+    limit = deployment.max_ongoing_requests
+    need = batching.max_batch_size
+    if limit is not None and need > limit:
+        raise ValueError(
+            f"{what}: batching.max_batch_size ({need}) exceeds "
+            f"deployment.max_ongoing_requests ({limit}), so batches could never fill"
+        )
+
+
 class BatchedEntry(ModelEntry):
     batching: BatchingOptions = BatchingOptions()
 
     @model_validator(mode="after")
     def _batches_can_fill(self):
-        # Serve admits at most max_ongoing_requests per replica and runs one batch at a
-        # time here (max_concurrent_batches=1): a larger batch could never fill.
-        limit = self.deployment.max_ongoing_requests
-        need = self.batching.max_batch_size
-        if limit is not None and need > limit:
+        if not self.dedicated and "batching" in self.model_fields_set:
             raise ValueError(
-                f"{self.name}: batching.max_batch_size ({need}) exceeds "
-                f"deployment.max_ongoing_requests ({limit}), so batches could never fill"
+                f"{self.name}: models in a family's pool batch with the pool's knobs (`pools.<family>.batching`); "
+                "`batching` here applies with `dedicated: true`"
             )
+        check_batches_can_fill(self.name, self.batching, self.deployment)
         return self
-
-
-    def ray_options(self, env_vars: dict[str, str]) -> dict[str, Any]:
-        # The batching knobs are the deployment's user_config: they change live.
-        opts = super().ray_options(env_vars) | {"user_config": self.batching.model_dump()}
-        opts.setdefault("max_ongoing_requests", 2 * self.batching.max_batch_size)
-        return opts
 
 
 class EmbeddingsEntry(BatchedEntry):
@@ -141,6 +161,53 @@ class EmbeddingsEntry(BatchedEntry):
 class WhisperEntry(BatchedEntry):
     batching: BatchingOptions = BatchingOptions(max_batch_size=8, batch_wait_timeout_s=0.05)
     max_audio_seconds: float = Field(3600.0, gt=0, description="longer audio is refused (decompression bombs)")
+
+
+class PoolOptions(Strict):
+    """A family's shared deployment: its replicas, and the models multiplexed onto each
+    (Ray Serve model multiplexing: requests go to a replica that has their model loaded)."""
+
+    max_num_models_per_replica: int = Field(
+        3, ge=1, description="models loaded at once per replica (pinned ones included); beyond, the least recently used goes"
+    )
+    idle_timeout_s: float | None = Field(
+        None, gt=0, description="a model nobody used for this long is unloaded (a request's `keep_alive` overrides it)"
+    )
+    memory_gb: float | Literal["auto"] = Field(
+        "auto",
+        description="what the models of one replica may hold (weights + KV cache, estimated before loading); "
+        "a load that cannot fit gets 507 (auto: three quarters of the machine's memory)",
+    )
+    batching: BatchingOptions | None = Field(None, description="batched families: live knobs (default: the family's)")
+    defaults: dict[str, Any] = Field(
+        {}, description="settings of the family's model entry for models that are not in the config"
+    )
+    deployment: DeploymentOptions = DeploymentOptions()
+
+    def ray_options(self, env_vars: dict[str, str], batching: BatchingOptions | None) -> dict[str, Any]:
+        opts = _with_env(self.deployment.ray_options(), env_vars)
+        if batching is not None:  # the deployment's user_config: batching knobs change live
+            opts["user_config"] = batching.model_dump()
+            opts.setdefault("max_ongoing_requests", 2 * batching.max_batch_size)
+        return opts
+
+
+class ModelsOptions(Strict):
+    """Models beyond the configured ones: found on disk, downloaded, loaded on demand."""
+
+    on_demand: bool = Field(
+        False, description="an unknown id that names a Hugging Face repo is downloaded and loaded on first use"
+    )
+    management_api: bool = Field(
+        True, description="POST /v1/models/download, /load, /unload and DELETE /v1/models/{id} (behind the API key)"
+    )
+    search_dirs: list[str] = Field(
+        [], description="directories of local models (<dir>/<name> or <dir>/<owner>/<name>); default $ORCHARD_CACHE/models"
+    )
+    hf_cache_dir: str | None = Field(None, description="the Hugging Face cache to list and download into (default: HF's)")
+    hub_endpoint: str | None = Field(None, description="a Hugging Face Hub mirror (default: HF_ENDPOINT or huggingface.co)")
+    families: dict[str, str] = Field({}, description="model id -> family, where detection from the files is wrong")
+    report_interval_s: float = Field(1.0, gt=0, le=60, description="how often replicas report their loaded models")
 
 
 class IngressOptions(Strict):

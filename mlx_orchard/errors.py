@@ -85,3 +85,25 @@ class EngineError(OrchardError):
     status_code = 500
     type = "server_error"
     code = "engine_error"
+
+
+class ConflictError(OrchardError):
+    """The resource is in a state that forbids this (deleting a model that is loaded)."""
+
+    status_code = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class InsufficientMemoryError(OrchardError):
+    """Loading the model would exceed the replica's memory budget (or its model limit)."""
+
+    status_code = 507
+    type = "server_error"
+    code = "insufficient_memory"
+
+
+class ForbiddenError(OrchardError):
+    status_code = 403
+    type = "invalid_request_error"
+    code = "forbidden"

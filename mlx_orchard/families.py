@@ -21,13 +21,18 @@ from typing import Any
 from pydantic import create_model, model_validator
 
 from mlx_orchard.config import (
+    BatchedEntry,
+    BatchingOptions,
     EmbeddingsEntry,
     IngressOptions,
     LLMEntry,
     ModelEntry,
+    ModelsOptions,
+    PoolOptions,
     RuntimeOptions,
     Strict,
     WhisperEntry,
+    check_batches_can_fill,
 )
 
 
@@ -43,6 +48,16 @@ class Family:
     @property
     def key(self) -> str:
         return self.config_key or self.name
+
+    def default_batching(self) -> BatchingOptions | None:
+        """The ``@serve.batch`` knobs of a batched family's pool when the config sets none."""
+        if not issubclass(self.entry, BatchedEntry):
+            return None
+        return self.entry.model_fields["batching"].default
+
+    def entry_for(self, name: str, source: str, defaults: dict[str, Any]) -> ModelEntry:
+        """The entry of a model that is not in the config: the pool's defaults, this name and source."""
+        return self.entry.model_validate({**defaults, "name": name, "source": source, "pinned": False})
 
     def deployment_class(self) -> Any:
         return _import(self.deployment)
@@ -82,9 +97,51 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
+def family(name: str) -> Family:
+    """A family by its name or its config key."""
+    for f in FAMILIES:
+        if name in (f.name, f.key):
+            return f
+    raise KeyError(name)
+
+
 class _ArgsBase(Strict):
     ingress: IngressOptions = IngressOptions()
     runtime: RuntimeOptions = RuntimeOptions()
+    models: ModelsOptions = ModelsOptions()
+    pools: dict[str, PoolOptions] = {}
+
+    @model_validator(mode="after")
+    def _valid_pools(self):
+        keys = {f.key for f in FAMILIES}
+        for key, pool in self.pools.items():
+            if key not in keys:
+                raise ValueError(f"pools.{key}: no such family (families: {', '.join(sorted(keys))})")
+            f = family(key)
+            try:
+                f.entry_for("defaults-check", "defaults-check", pool.defaults)
+            except ValueError as e:
+                raise ValueError(f"pools.{key}.defaults: {e}") from None
+            batching = pool.batching or f.default_batching()
+            if batching is not None:
+                check_batches_can_fill(f"pools.{key}", batching, pool.deployment)
+        for f in FAMILIES:
+            pinned = [e.name for e in self.configured(f) if e.pinned and not e.dedicated]
+            limit = self.pool(f).max_num_models_per_replica
+            if len(pinned) > limit:
+                raise ValueError(
+                    f"{f.key}: {len(pinned)} pinned models ({', '.join(pinned)}) do not fit "
+                    f"pools.{f.key}.max_num_models_per_replica ({limit})"
+                )
+        for name, fam in self.models.families.items():
+            try:
+                family(fam)
+            except KeyError:
+                raise ValueError(f"models.families.{name}: no such family {fam!r}") from None
+        return self
+
+    def pool(self, f: Family) -> PoolOptions:
+        return self.pools.get(f.key) or PoolOptions()
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -96,11 +153,11 @@ class _ArgsBase(Strict):
                 seen.add(name)
         return self
 
-    def models(self, family: Family) -> list[ModelEntry]:
+    def configured(self, family: Family) -> list[ModelEntry]:
         return getattr(self, family.key)
 
     def entries(self) -> list[ModelEntry]:
-        return [entry for f in FAMILIES for entry in self.models(f)]
+        return [entry for f in FAMILIES for entry in self.configured(f)]
 
 
 # One list of model entries per family, under the family's config key.
@@ -111,3 +168,29 @@ OrchardArgs = create_model(
     __doc__="The typed `args:` block of serve_config.yaml: what graph.build_app is built from.",
     **_family_lists,
 )
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """What one family deployment's replicas are built from: the family, its pool options,
+    the configured models it serves (pinned ones load at start) and where other models are found."""
+
+    family: str  # the family's config key
+    deployment: str  # its Serve deployment name
+    pool: PoolOptions
+    entries: tuple[ModelEntry, ...]
+    models: ModelsOptions
+    dedicated: bool = False  # one configured model with replicas of its own: nothing else loads there
+
+    @property
+    def family_spec(self) -> Family:
+        return family(self.family)
+
+    def entry(self, name: str) -> ModelEntry | None:
+        for e in self.entries:
+            if name in e.all_names():
+                return e
+        return None
+
+    def batching(self) -> BatchingOptions | None:
+        return self.pool.batching or self.family_spec.default_batching()

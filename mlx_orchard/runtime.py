@@ -52,3 +52,14 @@ def physical_memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):  # not reported: assume a small machine
         return 8 << 30
+
+
+def release_mlx_memory() -> None:
+    """After a model is unloaded: collect it and hand MLX's cached buffers back to the system
+    (on the thread that ran it)."""
+    import gc
+
+    import mlx.core as mx
+
+    gc.collect()
+    mx.clear_cache()

@@ -67,3 +67,28 @@ class ChoiceChunk:
     text: str
     completion_tokens: int
     finish_reason: str | None = None  # "stop" | "length" | None while running
+
+
+@dataclass
+class LoadedModel:
+    """One model loaded on one replica, as the replica reports it to the model manager."""
+
+    name: str
+    pinned: bool
+    nbytes: int  # estimated weights + KV budget
+    in_flight: int
+    loaded_at: float  # epoch seconds
+    last_used: float
+
+
+@dataclass
+class ReplicaReport:
+    """A family replica's loaded models, sent to the model manager every few seconds."""
+
+    replica_id: str
+    deployment: str
+    family: str
+    node_id: str
+    models: list[LoadedModel]
+    memory_budget: int
+    memory_used: int

@@ -134,7 +134,7 @@ def test_eight_concurrent_short_clips_are_batched(orchard, handle_loop, tmp_path
     from ray import serve
 
     async def stats():
-        return await serve.get_deployment_handle("whisper-whisper-tiny.en", app_name="orchard").stats.remote()
+        return await serve.get_deployment_handle("whisper", app_name="orchard").stats.remote()
 
     texts = SENTENCES * 2
     clips = [speak_wav(t, tmp_path) for t in texts]

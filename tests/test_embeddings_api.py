@@ -91,7 +91,7 @@ def _stats(handle_loop):
     from ray import serve
 
     async def get():
-        return await serve.get_deployment_handle("embeddings-all-minilm-l6-v2", app_name="orchard").stats.remote()
+        return await serve.get_deployment_handle("embeddings", app_name="orchard").stats.remote()
 
     return handle_loop(get)
 

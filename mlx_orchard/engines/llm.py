@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,8 +159,12 @@ class LLMEngine:
         max_waiting: int = 256,
         max_queue_wait_s: float | None = None,
         kv_cache_bytes: int | None = None,
+        mlx_lock: AbstractContextManager | None = None,
     ):
         self.model_path = str(model_path)
+        # Engines of several models in one replica take turns on MLX (one step each), so
+        # the replica's MLX work stays serial, as if on one thread.
+        self._mlx_lock = mlx_lock if mlx_lock is not None else nullcontext()
         self.max_batch_size = max_batch_size
         self.prefill_batch_size = min(prefill_batch_size, max_batch_size)
         self.prefill_step_size = prefill_step_size
@@ -384,7 +389,8 @@ class LLMEngine:
 
     def _run(self) -> None:
         try:
-            self._load()
+            with self._mlx_lock:
+                self._load()
         except BaseException as e:  # surfaced to the constructor
             self._fatal = e
             self._loaded.set()
@@ -395,7 +401,8 @@ class LLMEngine:
                 try:
                     self._iterate()
                 except Exception as e:  # noqa: BLE001 - admission, cache or hand-off: recover
-                    self._recover(e)
+                    with self._mlx_lock:
+                        self._recover(e)
         except BaseException as e:  # the loop cannot go on: say so to everyone waiting
             logger.critical("the generation loop stopped", exc_info=e)
             self._fatal = e
@@ -406,6 +413,10 @@ class LLMEngine:
 
     def _iterate(self) -> None:
         self._take_commands(block=not self._running and not self._pending)
+        with self._mlx_lock:
+            self._work()
+
+    def _work(self) -> None:
         self._admit_pending()
         self._expire_pending()  # what could not join the batch now, and has waited too long
         if not self._running:

@@ -7,12 +7,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from mlx_orchard.protocol.common import OpenAIRequest, OpenAIResponse
+from mlx_orchard.protocol.common import ModelRequest, OpenAIResponse
 
 ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
 
 
-class TranscriptionForm(OpenAIRequest):
+class TranscriptionForm(ModelRequest):
     """The multipart fields besides ``file``."""
 
     model: str

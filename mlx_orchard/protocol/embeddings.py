@@ -8,12 +8,12 @@ from typing import Literal, cast
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
-from mlx_orchard.protocol.common import OpenAIRequest, OpenAIResponse
+from mlx_orchard.protocol.common import ModelRequest, OpenAIResponse
 
 EmbeddingInput = str | list[str] | list[int] | list[list[int]]
 
 
-class EmbeddingRequest(OpenAIRequest):
+class EmbeddingRequest(ModelRequest):
     model: str
     input: EmbeddingInput
     encoding_format: Literal["float", "base64"] = "float"

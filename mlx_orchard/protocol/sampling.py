@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
-from mlx_orchard.protocol.common import OpenAIRequest, StreamOptions, stop_list
+from mlx_orchard.protocol.common import ModelRequest, StreamOptions, stop_list
 from mlx_orchard.wire import SamplingParams
 
 _MAX_STOP_CHARS = 1024
 
 
-class SamplingRequest(OpenAIRequest):
+class SamplingRequest(ModelRequest):
     model: str
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     # Keys are token ids: the engine checks them against the model's vocabulary.

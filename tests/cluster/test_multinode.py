@@ -29,6 +29,7 @@ def _free_port() -> int:
 
 def _app_args() -> dict:
     llm = default_args()["llm"][0] | {
+        "dedicated": True,
         "deployment": {
             "num_replicas": 2,
             "max_replicas_per_node": 1,
