@@ -29,6 +29,9 @@ def build_app(args: OrchardArgs) -> Application:
     if isinstance(args, dict):  # called directly rather than through `serve run`
         args = OrchardArgs.model_validate(args)
     env_vars = replica_env_vars(args.runtime.blas, args.runtime.env_vars)
+    # Replicas (and the manager, which downloads) reach the Hub mirror the config names.
+    if args.models.hub_endpoint:
+        env_vars = {"HF_ENDPOINT": args.models.hub_endpoint, **env_vars}
     configured: list[Configured] = []
     specs: list[tuple[PoolSpec, dict]] = []
     pools: dict[str, str] = {}  # family name -> pool deployment
@@ -36,9 +39,9 @@ def build_app(args: OrchardArgs) -> Application:
         entries = args.configured(family)
         pooled = tuple(e for e in entries if not e.dedicated)
         pool = args.pool(family)
-        # A family has a pool when it has models for it, or the config asks for one (to
-        # serve models found on disk or fetched on demand).
-        if pooled or family.key in args.pools or args.models.on_demand:
+        # A family has a pool when it has models for it, or the config names its pool (to
+        # serve models found on disk or fetched on demand): an unused pool would hold a replica.
+        if pooled or family.key in args.pools:
             pools[family.name] = family.key
             spec = PoolSpec(family.key, family.key, pool, pooled, args.models)
             specs.append((spec, pool.ray_options(env_vars, spec.batching())))
@@ -52,7 +55,9 @@ def build_app(args: OrchardArgs) -> Application:
             configured.append(
                 Configured(entry.name, tuple(entry.aliases), family.name, deployment, entry.source, entry.pinned or entry.dedicated)
             )
-    manager = ModelManagerDeployment.bind(configured, pools, args.models)  # type: ignore[attr-defined]  # a Deployment
+    manager = ModelManagerDeployment.options(  # type: ignore[attr-defined]  # a Deployment
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env_vars}}
+    ).bind(configured, pools, args.models)
     handles: dict[str, Application] = {}
     for spec, options in specs:
         cls = spec.family_spec.deployment_class()

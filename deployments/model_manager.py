@@ -8,9 +8,9 @@ import asyncio
 
 from ray import serve
 
-from mlx_orchard.errors import ModelNotFoundError
 from deployments.multiplex import hf_cache_dir, search_dirs
 from mlx_orchard.config import ModelsOptions
+from mlx_orchard.errors import ModelNotFoundError
 from mlx_orchard.models.manager import Configured, ModelManager, Route
 from mlx_orchard.protocol.common import ModelCard
 from mlx_orchard.wire import ReplicaReport
@@ -30,6 +30,7 @@ class ModelManagerDeployment:
             on_demand=options.on_demand,
             family_overrides=options.families,
             report_ttl_s=max(10.0, 5 * options.report_interval_s),
+            report_interval_s=options.report_interval_s,
         )
 
     async def resolve(self, model: str, timeout_s: float = 600.0) -> Route:
@@ -53,11 +54,11 @@ class ModelManagerDeployment:
     async def unload(self, model: str, timeout_s: float = 60.0) -> ModelCard:
         """Ask the replicas that have ``model`` to unload it; answer once none has it."""
         route = await self.resolve_known(model)
-        if self.manager.request_unload(route.name):
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout_s
-            while self.manager.is_loaded(route.name) and loop.time() < deadline:
-                await asyncio.sleep(0.1)
+        name = self.manager.request_unload(route.name)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not self.manager.unload_done(name) and loop.time() < deadline:
+            await asyncio.sleep(0.1)
         return await self.card(model)
 
     async def resolve_known(self, model: str) -> Route:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ class MultiplexedFamily:
         self.node_id = ray.get_runtime_context().get_node_id()
         self.served_by = f"{context.deployment}#{self.replica_id}@{self.node_id[:12]}"
         self._unloading: set[str] = set()
+        self.load_counts: Counter[str] = Counter()  # loads per model on this replica (tests, debugging)
         # Pinned models load before the replica takes requests; a failure fails the replica.
         for entry in spec.entries:
             if entry.pinned:
@@ -73,6 +75,7 @@ class MultiplexedFamily:
     @serve.multiplexed(max_num_models_per_replica=-1)  # evictions are the pool's (see module doc)
     async def model_slot(self, model_id: str) -> Slot:
         started = time.perf_counter()
+        self.load_counts[model_id] += 1
         entry = await asyncio.to_thread(self._entry, model_id)
         path = await asyncio.to_thread(self.resolve, entry)
         nbytes = await asyncio.to_thread(self.estimate_bytes, entry, path)
@@ -203,6 +206,10 @@ class MultiplexedFamily:
             memory_budget=self.pool.limits.memory_bytes,
             memory_used=self.pool.used_bytes,
         )
+
+    def loads(self) -> dict[str, int]:
+        """How often each model started loading on this replica."""
+        return dict(self.load_counts)
 
     def _report_soon(self) -> None:
         self._report_now = True

@@ -196,7 +196,9 @@ class ModelsOptions(Strict):
     """Models beyond the configured ones: found on disk, downloaded, loaded on demand."""
 
     on_demand: bool = Field(
-        False, description="an unknown id that names a Hugging Face repo is downloaded and loaded on first use"
+        False,
+        description="an unknown id that names a Hugging Face repo is downloaded and loaded on first use "
+        "(by the family's pool: a family with no configured models needs `pools.<family>` to have one)",
     )
     management_api: bool = Field(
         True, description="POST /v1/models/download, /load, /unload and DELETE /v1/models/{id} (behind the API key)"

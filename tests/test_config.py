@@ -30,6 +30,7 @@ def test_a_batch_that_could_never_fill_is_refused():
                     {
                         "name": "e",
                         "source": "y",
+                        "dedicated": True,
                         "batching": {"max_batch_size": 64},
                         "deployment": {"max_ongoing_requests": 8},
                     }
@@ -41,3 +42,27 @@ def test_a_batch_that_could_never_fill_is_refused():
 def test_typos_are_refused_not_ignored():
     with pytest.raises(ValidationError):
         OrchardArgs.model_validate({"llm": [{"name": "a", "source": "x", "max_batch_sise": 4}]})
+
+    with pytest.raises(ValidationError, match="never fill"):
+        OrchardArgs.model_validate(
+            {"pools": {"embeddings": {"batching": {"max_batch_size": 64}, "deployment": {"max_ongoing_requests": 8}}}}
+        )
+
+
+def test_pool_settings_belong_to_the_pool_unless_a_model_is_dedicated():
+    with pytest.raises(ValidationError, match="dedicated: true"):
+        OrchardArgs.model_validate({"llm": [{"name": "a", "source": "x", "deployment": {"num_replicas": 2}}]})
+    with pytest.raises(ValidationError, match="pools.<family>.batching"):
+        OrchardArgs.model_validate({"embeddings": [{"name": "a", "source": "x", "batching": {"max_batch_size": 4}}]})
+    with pytest.raises(ValidationError, match="no such family"):
+        OrchardArgs.model_validate({"pools": {"vision": {}}})
+    with pytest.raises(ValidationError, match="pools.llm.defaults"):
+        OrchardArgs.model_validate({"pools": {"llm": {"defaults": {"max_batch_sise": 4}}}})
+    with pytest.raises(ValidationError, match="pinned models"):
+        OrchardArgs.model_validate(
+            {"pools": {"llm": {"max_num_models_per_replica": 1}}, "llm": [{"name": "a", "source": "x"}, {"name": "b", "source": "y"}]}
+        )
+    ok = OrchardArgs.model_validate(
+        {"llm": [{"name": "a", "source": "x", "dedicated": True, "deployment": {"num_replicas": 2}}]}
+    )
+    assert ok.llm[0].dedicated_pool().max_num_models_per_replica == 1

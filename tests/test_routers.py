@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from ray.serve.exceptions import BackPressureError
 
-from deployments.ingress import Ingress, ModelRoute, build_api
+from deployments.ingress import Ingress, build_api
 from mlx_orchard.config import IngressOptions
 from mlx_orchard.errors import InvalidRequestError, OverloadedError
+from mlx_orchard.models.manager import Route
 from mlx_orchard.wire import Accepted, ChoiceChunk
 
 
@@ -76,6 +77,9 @@ class EmbeddingsHandle:
 
         self.embed = _Method(embed)
 
+    def options(self, **_):
+        return self
+
 
 def two_choices(params, *, n, stream, **prompt):
     """Choice 0 says Hello, choice 1 (when asked for) Bonjour, interleaved."""
@@ -90,10 +94,12 @@ def two_choices(params, *, n, stream, **prompt):
 
 def app_with(handles: dict, **options) -> httpx.AsyncClient:
     routes = {
-        "m": ModelRoute(name="m", family="llm", deployment="llm"),
-        "e": ModelRoute(name="e", family="embeddings", deployment="emb"),
+        "m": Route(name="m", family="llm", deployment="llm"),
+        "e": Route(name="e", family="embeddings", deployment="emb"),
     }
-    ingress = Ingress(routes, handles, IngressOptions(**options))
+    manager = options.pop("manager", None)
+    management_api = options.pop("management_api", True)
+    ingress = Ingress(routes, handles, IngressOptions(**options), manager, management_api)
     # As a server would: a 500 is answered (and logged), not raised into the client.
     transport = httpx.ASGITransport(app=build_api(ingress), raise_app_exceptions=False)
     return httpx.AsyncClient(transport=transport, base_url="http://orchard")
@@ -266,7 +272,8 @@ def test_every_family_serves_the_endpoints_the_registry_declares():
     posts = {path for path, ops in app.openapi()["paths"].items() if "post" in ops}
     for family in FAMILIES:
         assert set(family.endpoints) <= posts, family.name
-    assert posts == {e for f in FAMILIES for e in f.endpoints}
+    management = {"/v1/models", "/v1/models/download", "/v1/models/{model}/load", "/v1/models/{model}/unload"}
+    assert posts == {e for f in FAMILIES for e in f.endpoints} | management
 
 
 def test_the_ingress_imports_no_mlx():
@@ -279,3 +286,94 @@ def test_the_ingress_imports_no_mlx():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+class ManagerHandle:
+    """Stands in for the model manager deployment: records calls, answers with cards."""
+
+    def __init__(self):
+        from mlx_orchard.protocol.common import ModelCard
+
+        def card(model, **_):
+            return ModelCard(id=model, family="llm", status="available")
+
+        async def acard(model, *a, **kw):
+            return card(model)
+
+        async def resolve(model, timeout_s):
+            if model == "found/on-disk":
+                return Route(name=model, family="llm", deployment="llm")
+            from mlx_orchard.errors import ModelNotFoundError
+
+            raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
+
+        async def cards():
+            return [card("m"), card("found/on-disk")]
+
+        async def delete(model):
+            return None
+
+        self.resolve = _Method(resolve)
+        self.card = _Method(acard)
+        self.cards = _Method(cards)
+        self.download = _Method(acard)
+        self.unload = _Method(acard)
+        self.delete = _Method(delete)
+
+
+class PoolHandle(LLMHandle):
+    def __init__(self):
+        super().__init__(two_choices)
+        self.ids: list[str] = []
+
+        async def load(**kw):
+            return None
+
+        self.load = _Method(load)
+
+    def options(self, multiplexed_model_id=None, **_):
+        if multiplexed_model_id:
+            self.ids.append(multiplexed_model_id)
+        return self
+
+
+@pytest.mark.asyncio
+async def test_models_found_by_the_manager_are_routed_with_their_multiplexed_id():
+    pool, manager = PoolHandle(), ManagerHandle()
+    async with app_with({"llm": pool}, manager=manager) as http:
+        r = await http.post("/v1/chat/completions", json=chat_body(model="found/on-disk"))
+        assert r.status_code == 200
+        missing = await http.post("/v1/chat/completions", json=chat_body(model="not/there"))
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+        listed = await http.get("/v1/models")
+    assert "found/on-disk" in pool.ids
+    assert [m["id"] for m in listed.json()["data"]] == ["m", "found/on-disk"]
+
+
+@pytest.mark.asyncio
+async def test_management_endpoints_and_the_mlx_audio_form():
+    pool, manager = PoolHandle(), ManagerHandle()
+    async with app_with({"llm": pool}, manager=manager) as http:
+        r = await http.post("/v1/models/download", json={"repo_id": "owner/name"})
+        assert r.status_code == 202 and r.json()["id"] == "owner/name"
+        r = await http.post("/v1/models/m/load", json={"keep_alive": "5m"})
+        assert r.status_code == 200
+        (_, kwargs), = pool.load.calls
+        assert kwargs == {"keep_alive_s": 300.0}
+        assert (await http.post("/v1/models/m/load", json={"keep_alive": "soon"})).status_code == 400
+        assert (await http.post("/v1/models?model_name=m")).status_code == 200
+        assert (await http.delete("/v1/models?model_name=m")).status_code == 200
+        assert (await http.post("/v1/models/m/unload")).status_code == 200
+        r = await http.delete("/v1/models/owner/name")
+        assert r.status_code == 200 and r.json() == {"id": "owner/name", "object": "model", "deleted": True}
+    assert [c[0][0] for c in manager.unload.calls] == ["m", "m"]
+
+
+@pytest.mark.asyncio
+async def test_management_can_be_turned_off():
+    async with app_with({"llm": PoolHandle()}, manager=ManagerHandle(), management_api=False) as http:
+        for method, path in [("POST", "/v1/models/download"), ("POST", "/v1/models/m/load"), ("DELETE", "/v1/models/m")]:
+            r = await http.request(method, path, json={"repo_id": "a/b"})
+            assert r.status_code == 403, (method, path)
+            assert r.json()["error"]["code"] == "forbidden"
+        assert (await http.get("/v1/models")).status_code == 200  # listing stays

@@ -98,6 +98,13 @@ class Downloads:
         with self._lock:
             return list(self._states.values())
 
+    def forget(self, repo_id: str) -> None:
+        """Drop a finished or failed download's record (the model was deleted)."""
+        with self._lock:
+            state = self._states.get(repo_id)
+            if state is not None and state.status != "downloading":
+                del self._states[repo_id]
+
     def active_repos(self) -> set[str]:
         """Repos the catalog must not list as ready: downloading, or failed with their partial files not cleaned up.
 
@@ -116,8 +123,9 @@ class Downloads:
         from huggingface_hub import snapshot_download
 
         storage = self._storage(state.repo_id)
-        mark = _CacheMark.take(storage)  # before the dry run: it already writes refs/
+        mark: _CacheMark | None = None
         try:
+            mark = _CacheMark.take(storage)  # before the dry run: it already writes refs/
             cached = self._plan(state)
             path = Path(
                 snapshot_download(
@@ -141,8 +149,9 @@ class Downloads:
             state.error = describe_failure(e, self.endpoint, state.revision)
             logger.warning("download of %s failed: %s", state.repo_id, state.error, exc_info=not isinstance(e, OSError | NotAModelError))
             try:
-                mark.restore(storage)
-                state.cache_restored = True
+                if mark is not None:
+                    mark.restore(storage)
+                    state.cache_restored = True
             except OSError as cleanup_error:
                 logger.warning("could not clean up after the failed download of %s: %s", state.repo_id, cleanup_error)
             state.status = "failed"

@@ -56,6 +56,7 @@ class ModelManager:
         on_demand: bool = False,
         family_overrides: dict[str, str] | None = None,
         report_ttl_s: float = 10.0,
+        report_interval_s: float = 1.0,
     ):
         from mlx_orchard.models.download import Downloads
 
@@ -67,6 +68,7 @@ class ModelManager:
         self.on_demand = on_demand
         self.family_overrides = family_overrides or {}
         self.report_ttl_s = report_ttl_s
+        self.unload_grace_s = 2 * report_interval_s + 0.5  # every replica has reported since the ask
         self.downloads = Downloads(cache_dir=hf_cache_dir, endpoint=hub_endpoint)
         self._reports: dict[str, tuple[float, ReplicaReport]] = {}
         self._unload: dict[str, float] = {}  # model -> when an unload was asked (cleared once gone)
@@ -175,20 +177,24 @@ class ModelManager:
         """A replica's loaded models; returns the ones it should unload."""
         now = time.monotonic()
         self._reports[report.replica_id] = (now, report)
-        for name in list(self._unload):
-            if not self._loaded_on(name):
+        for name, asked in list(self._unload.items()):
+            if now - asked > self.unload_grace_s and not self._loaded_on(name):
                 del self._unload[name]
         return [m.name for m in report.models if m.name in self._unload]
 
-    def request_unload(self, model: str) -> bool:
-        """Ask every replica that has ``model`` to unload it; False when none has it."""
+    def request_unload(self, model: str) -> str:
+        """Ask every replica that has ``model`` to unload it. The ask stands for a grace
+        period: a replica that loaded it since its last report unloads it too."""
         name = self.aliases.get(model, model)
         if name in self.configured and self.configured[name].pinned:
             raise ConflictError(f"The model `{model}` is pinned in serve_config.yaml and is never unloaded.", param="model")
-        if not self._loaded_on(name):
-            return False
         self._unload[name] = time.monotonic()
-        return True
+        return name
+
+    def unload_done(self, name: str) -> bool:
+        asked = self._unload.get(name)
+        settled = asked is None or time.monotonic() - asked > self.unload_grace_s
+        return settled and not self._loaded_on(name)
 
     def is_loaded(self, model: str) -> bool:
         return bool(self._loaded_on(self.aliases.get(model, model)))
@@ -227,6 +233,8 @@ class ModelManager:
     def cards(self) -> list[ModelCard]:
         cards: dict[str, ModelCard] = {}
         local = self.local()
+        if any(d.status == "done" and d.repo_id not in local for d in self.downloads.all()):
+            local = self.local(fresh=True)  # a download just finished: list it as what it is
         for c in self.configured.values():
             card = self._configured_card(c, local.get(c.name))
             for alias in (c.name, *c.aliases):

@@ -73,13 +73,11 @@ def download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    from mlx_orchard.models.download import ALLOW_PATTERNS
+
     try:
-        return Path(
-            snapshot_download(
-                repo_id,
-                allow_patterns=["*.json", "*.safetensors", "*.py", "*.model", "*.tiktoken", "*.txt", "*.jinja"],
-            )
-        )
+        # Only what a model needs (never remote code); HF_ENDPOINT names a mirror.
+        return Path(snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise ModelSourceError(
             f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "

@@ -143,14 +143,35 @@ FAMILY_CASES = {
     "gemma3-text-config": ("llm", {"config.json": {"model_type": "gemma3", "text_config": {"vocab_size": 262144}}}),
     "whisper-mlx": ("transcription", {"config.json": WHISPER_MLX, "weights.npz": b"w"}),
     "whisper-mlx-typed": ("transcription", {"config.json": {**WHISPER_MLX, "model_type": "whisper"}, "weights.safetensors": b"w"}),
-    "whisper-hf": ("transcription", {"config.json": WHISPER_HF, "model.safetensors": b"w", "preprocessor_config.json": {"feature_extractor_type": "WhisperFeatureExtractor"}}),
-    "whisper-ctranslate2": ("transcription", {"config.json": {"alignment_heads": [[1, 0]], "lang_ids": [1]}, "model.bin": b"w", "vocabulary.json": []}),
-    "bert-sentence-transformers": ("embeddings", {"config.json": BERT, "modules.json": [{"type": "sentence_transformers.models.Transformer"}], "model.safetensors": b"w"}),
+    "whisper-hf": (
+        "transcription",
+        {"config.json": WHISPER_HF, "model.safetensors": b"w", "preprocessor_config.json": {"feature_extractor_type": "WhisperFeatureExtractor"}},
+    ),
+    "whisper-ctranslate2": (
+        "transcription",
+        {"config.json": {"alignment_heads": [[1, 0]], "lang_ids": [1]}, "model.bin": b"w", "vocabulary.json": []},
+    ),
+    "bert-sentence-transformers": (
+        "embeddings",
+        {"config.json": BERT, "modules.json": [{"type": "sentence_transformers.models.Transformer"}], "model.safetensors": b"w"},
+    ),
     "bert-bare": ("embeddings", {"config.json": BERT, "model.safetensors": b"w"}),
     "xlm-roberta": ("embeddings", {"config.json": {"architectures": ["XLMRobertaModel"], "model_type": "xlm-roberta", "vocab_size": 250002}}),
-    "qwen3-embedding": ("embeddings", {"config.json": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151669}, "config_sentence_transformers.json": {}}),
-    "qwen2-vl": ("vlm", {"config.json": QWEN2_VL, "model.safetensors": b"w", "preprocessor_config.json": {"image_processor_type": "Qwen2VLImageProcessor"}}),
-    "llava-by-processor": ("vlm", {"config.json": {"model_type": "llava", "text_config": {"vocab_size": 32000}}, "processor_config.json": {"image_mean": [0.5]}}),
+    "qwen3-embedding": (
+        "embeddings",
+        {
+            "config.json": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151669},
+            "config_sentence_transformers.json": {},
+        },
+    ),
+    "qwen2-vl": (
+        "vlm",
+        {"config.json": QWEN2_VL, "model.safetensors": b"w", "preprocessor_config.json": {"image_processor_type": "Qwen2VLImageProcessor"}},
+    ),
+    "llava-by-processor": (
+        "vlm",
+        {"config.json": {"model_type": "llava", "text_config": {"vocab_size": 32000}}, "processor_config.json": {"image_mean": [0.5]}},
+    ),
     "kokoro-upstream": ("tts", {"config.json": KOKORO, "kokoro-v1_0.safetensors": b"w"}),
     "kokoro-typed": ("tts", {"config.json": {**KOKORO, "model_type": "kokoro"}}),
     "voices-dir": ("tts", {"config.json": {"model_type": "something", "vocab_size": 10}, "voices/af_heart.safetensors": b"w"}),
@@ -179,7 +200,9 @@ def test_detect_family_of_a_gguf_file_and_of_nothing(tmp_path):
 
 
 def test_model_facts_of_an_mlx_community_llm(tmp_path):
-    path = write_model(tmp_path / "m", {"config.json": LLAMA_4BIT, "model-00001-of-00002.safetensors": b"a" * 1000, "model-00002-of-00002.safetensors": b"b" * 500})
+    path = write_model(
+        tmp_path / "m", {"config.json": LLAMA_4BIT, "model-00001-of-00002.safetensors": b"a" * 1000, "model-00002-of-00002.safetensors": b"b" * 500}
+    )
     (path / "tokenizer.json").write_text("{}" * 100)  # not a weight
     facts = model_facts(path)
     assert facts.size_bytes == 1500
@@ -272,7 +295,9 @@ def test_family_overrides_win(tmp_path):
 # --- scanning: the Hugging Face cache ---------------------------------------------------
 
 
-def make_hf_repo(cache: Path, repo_id: str, files: dict[str, object], *, commit: str | None = None, ref: str | None = "main", kind: str = "models") -> Path:
+def make_hf_repo(
+    cache: Path, repo_id: str, files: dict[str, object], *, commit: str | None = None, ref: str | None = "main", kind: str = "models"
+) -> Path:
     """A repo in the cache exactly as huggingface_hub writes one: blobs named by hash,
     snapshot files as relative symlinks into blobs/, refs/<ref> holding the commit."""
     storage = cache / f"{kind}--{repo_id.replace('/', '--')}"
@@ -342,7 +367,7 @@ def test_scan_hf_cache_picks_the_revision_main_points_at(tmp_path):
     cache = tmp_path / "hub"
     old = make_hf_repo(cache, "acme/m", {"config.json": LLAMA_4BIT, "model.safetensors": b"old"}, commit="a" * 40, ref="main")
     new = make_hf_repo(cache, "acme/m", {"config.json": LLAMA_4BIT, "model.safetensors": b"newer"}, commit="b" * 40, ref="v2")
-    os.utime(new / "model.safetensors", follow_symlinks=True)  # v2 is the newest, main still points at the old one
+    os.utime(new / "model.safetensors", (2e9, 2e9), follow_symlinks=True)  # v2 is the newest, main still points at the old one
     found = scan_local([], hf_cache_dir=cache)
     assert (found["acme/m"].path, found["acme/m"].size_bytes) == (old, 3)
     (cache / "models--acme--m" / "refs" / "main").unlink()
