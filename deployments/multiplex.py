@@ -194,6 +194,7 @@ class MultiplexedFamily:
             in_flight=slot.in_flight,
             loaded_at=slot.loaded_at + offset,
             last_used=slot.last_used + offset,
+            closing=slot.closing,
         )
 
     def loaded(self) -> ReplicaReport:
@@ -202,7 +203,8 @@ class MultiplexedFamily:
             deployment=self.spec.deployment,
             family=self.spec.family,
             node_id=self.node_id,
-            models=[self._info(s) for s in self.pool.slots.values() if not s.closing],
+            # Closing models too: they still hold memory and serve their last requests.
+            models=[self._info(s) for s in self.pool.slots.values()],
             memory_budget=self.pool.limits.memory_bytes,
             memory_used=self.pool.used_bytes,
         )

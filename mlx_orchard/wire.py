@@ -79,6 +79,7 @@ class LoadedModel:
     in_flight: int
     loaded_at: float  # epoch seconds
     last_used: float
+    closing: bool = False  # being unloaded: no new requests, finishing the ones it has
 
 
 @dataclass

@@ -25,6 +25,7 @@ def secured(serve_instance):
         "ingress": {"api_key": KEY, "request_timeout_s": 1.0},
         # A small model behind the key: cheap to load, and slow enough on a large batch to time out.
         "embeddings": [{**default_args()["embeddings"][0], "name": "minilm-secured", "aliases": []}],
+        "pools": {"embeddings": default_args()["pools"]["embeddings"]},
     }
     serve.run(build_app(args), name="secured", route_prefix="/secured")
     yield f"{serve_instance}/secured"

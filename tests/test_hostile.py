@@ -207,8 +207,8 @@ def expect_num(spec: Num, v: Any) -> str:
 
 def expect_kind(kind: str, v: Any) -> str:
     match kind:
-        case "model":
-            return "404" if isinstance(v, str) else "4xx"
+        case "model":  # an id that could never name a model (empty, a path) is malformed: 400
+            return ("404" if v else "400-id") if isinstance(v, str) else "4xx"
         case "str":  # user
             return "2xx" if v is None or isinstance(v, str) else "4xx"
         case "bool":
@@ -282,6 +282,8 @@ def field_cases(path: str, short: str, base: dict, fields: dict) -> list[Case]:
             code = None
             if expect == "404":
                 expect, code = 404, "model_not_found"
+            elif expect == "400-id":
+                expect, code = 400, "invalid_model_id"
             cases.append(post_json(f"{short}-{name}={label}", path, body, expect, code))
     return cases
 
@@ -514,10 +516,13 @@ def model_name_cases() -> list[Case]:
         ("case", "SmolLM2"),
     ]
     for label, name in names:
+        # Ids that could never name a model (empty, control characters, too long, a path
+        # out of the models directory) are refused as malformed; well-formed unknown ones are 404.
+        status, code = (404, "model_not_found") if label in ("unknown", "case") else (400, "invalid_model_id")
         cases += [
-            post_json(f"chat-model={label}", "/v1/chat/completions", chat(model=name), 404, "model_not_found"),
-            post_json(f"cmpl-model={label}", "/v1/completions", completion(model=name), 404, "model_not_found"),
-            post_json(f"emb-model={label}", "/v1/embeddings", EMBEDDING_BASE | {"model": name}, 404, "model_not_found"),
+            post_json(f"chat-model={label}", "/v1/chat/completions", chat(model=name), status, code),
+            post_json(f"cmpl-model={label}", "/v1/completions", completion(model=name), status, code),
+            post_json(f"emb-model={label}", "/v1/embeddings", EMBEDDING_BASE | {"model": name}, status, code),
         ]
     # A lone surrogate is not text at all: refused as invalid before any lookup.
     cases += [
@@ -724,12 +729,21 @@ def route_cases() -> list[Case]:
         get("model=alias", "/v1/models/HuggingFaceTB/SmolLM2-135M-Instruct", "2xx"),
         get("model=unknown", "/v1/models/no-such-model", 404, "model_not_found"),
         get("model=empty", "/v1/models/", "4xx"),
-        get("model=NUL", "/v1/models/%00", 404, "model_not_found"),
-        get("model=%ff", "/v1/models/%ff", 404, "model_not_found"),
-        get("model=encoded-surrogate", "/v1/models/%ED%A0%80", 404, "model_not_found"),
-        get("model=8k-chars", "/v1/models/" + "m" * 8000, 404, "model_not_found"),
-        get("model=a/b/c", "/v1/models/a/b/c", 404, "model_not_found"),
-        get("model=dot-dot", "/v1/models/..%2F..%2Fetc%2Fpasswd", 404, "model_not_found"),
+        get("model=NUL", "/v1/models/%00", 400, "invalid_model_id"),
+        get("model=%ff", "/v1/models/%ff", 400, "invalid_model_id"),
+        get("model=encoded-surrogate", "/v1/models/%ED%A0%80", 400, "invalid_model_id"),
+        get("model=8k-chars", "/v1/models/" + "m" * 8000, 400, "invalid_model_id"),
+        get("model=a/b/c", "/v1/models/a/b/c", 400, "invalid_model_id"),
+        get("model=dot-dot", "/v1/models/..%2F..%2Fetc%2Fpasswd", 400, "invalid_model_id"),
+        get("model=absolute", "/v1/models/%2Fetc%2Fpasswd", 400, "invalid_model_id"),
+        get("delete=dot-dot", "/v1/models/..%2F..%2Fetc", 400, "invalid_model_id", method="DELETE"),
+        get("delete=unknown", "/v1/models/no-such-model", 404, "model_not_found", method="DELETE"),
+        get("load=unknown", "/v1/models/no-such-model/load", 404, "model_not_found", method="POST"),
+        get("load=dot-dot", "/v1/models/..%2F..%2Fetc/load", 400, "invalid_model_id", method="POST"),
+        post_json("download=traversal", "/v1/models/download", {"repo_id": "../../etc"}, 400, "invalid_repo_id"),
+        post_json("download=absolute", "/v1/models/download", {"repo_id": "/etc/passwd"}, 400, "invalid_repo_id"),
+        post_json("download=revision", "/v1/models/download", {"repo_id": "a/b", "revision": "../x"}, 400, "invalid_revision"),
+        post_json("download=huge", "/v1/models/download", {"repo_id": "a/" + "b" * 100_000}, 400),
         get("health", "/health", "2xx"),
         get("health?junk", "/health?x=%ff&x=%00", "2xx"),
         get("openapi", "/openapi.json", "2xx"),
@@ -754,8 +768,9 @@ def route_cases() -> list[Case]:
         get("method=GET-translations", "/v1/audio/translations", 405),
         get("method=PUT-chat", "/v1/chat/completions", 405, method="PUT"),
         get("method=PATCH-completions", "/v1/completions", 405, method="PATCH"),
-        get("method=DELETE-model", f"/v1/models/{LLM}", 405, method="DELETE"),
-        get("method=POST-models", "/v1/models", 405, method="POST"),
+        get("method=DELETE-model", f"/v1/models/{LLM}", 409, "conflict", method="DELETE"),  # configured: stays
+        get("method=POST-models", "/v1/models", 400, method="POST"),  # mlx-audio's load form needs model_name
+        get("method=PUT-models", "/v1/models", 405, method="PUT"),
         get("method=POST-health", "/health", 405, method="POST"),
         get("method=OPTIONS-no-origin", "/v1/chat/completions", 405, method="OPTIONS"),
         get("method=OPTIONS-preflight", "/v1/chat/completions", "2xx", method="OPTIONS",

@@ -32,7 +32,7 @@ def test_the_ingress_replica_has_not_imported_mlx(client):
     model_replica = next(
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::orchard#llm-")
+        if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::orchard#llm#")
     )
     # The check itself can see MLX: in a model replica it finds it.
     assert ray.get(ray.get_actor(model_replica, namespace="serve").__ray_call__.remote(_loaded_mlx_modules), timeout=30)

@@ -89,7 +89,7 @@ def _pool(handle_loop, method: str):
 
 
 def _loaded(handle_loop) -> set[str]:
-    return {m.name for m in _pool(handle_loop, "loaded").models}
+    return {m.name for m in _pool(handle_loop, "loaded").models if not m.closing}
 
 
 def _until(predicate, timeout: float = 20.0, what: str = "condition"):
@@ -219,9 +219,32 @@ def test_a_download_that_fails_shows_failed_and_leaves_nothing_ready(app, sdk):
     r = httpx.post(f"{app}/v1/models/download", json={"repo_id": "hub/missing"}, timeout=30)
     assert r.status_code == 202
     card = _until(lambda: (c := _card(app, "hub/missing"))["status"] == "failed" and c, timeout=60, what="failure")
-    assert "not found" in card["error"]
+    assert "not found" in card["reason"]
     with pytest.raises(openai.NotFoundError):
         _chat(sdk, "hub/missing")
     for bad in ({"repo_id": "../etc"}, {"repo_id": "/abs/path"}, {"repo_id": "a/b/c"}, {"repo_id": "a/b", "revision": "../x"}):
         r = httpx.post(f"{app}/v1/models/download", json=bad, timeout=30)
         assert r.status_code == 400, (bad, r.text)
+
+
+def test_an_unloaded_model_finishes_its_requests_first(app, sdk, model_dirs, handle_loop):
+    # Unloading tiny-b while it streams a long answer: the stream runs to its end (no new
+    # request reaches tiny-b meanwhile), then the model goes.
+    stream = sdk.chat.completions.create(model="tiny-b", messages=HELLO, max_tokens=1500, temperature=0, stream=True)
+    text = [next(stream).choices[0].delta.content or ""]
+
+    def unload() -> tuple[dict, float]:
+        r = httpx.post(f"{app}/v1/models/tiny-b/unload", timeout=300)
+        return r.json(), time.monotonic()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        unloading = pool.submit(unload)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                text.append(chunk.choices[0].delta.content)
+        streamed_until = time.monotonic()
+        card, unloaded_at = unloading.result()
+    assert "".join(text) == greedy_reference(model_dirs["tiny-b"], HELLO, 1500)  # not cut short
+    assert card["status"] == "available" and not card["loaded_on"]
+    assert unloaded_at >= streamed_until
+    assert "tiny-b" not in _loaded(handle_loop)

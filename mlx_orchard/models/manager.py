@@ -221,6 +221,7 @@ class ModelManager:
                             loaded_at=int(m.loaded_at),
                             last_used=int(m.last_used),
                             size_bytes=m.nbytes,
+                            unloading=m.closing,
                         )
                     )
         return out
@@ -294,7 +295,7 @@ class ModelManager:
             repo_id=state.repo_id,
             revision=state.revision,
             download=DownloadProgress(bytes_done=state.bytes_done, bytes_total=state.bytes_total),
-            error=state.error,
+            reason=state.error,
             pinned=False,
         )
 

@@ -137,6 +137,7 @@ class ModelReplica(OpenAIResponse):
     loaded_at: int
     last_used: int
     size_bytes: int  # estimated memory it holds there (weights + KV budget)
+    unloading: bool = False  # evicted: finishing its in-flight requests, then gone
 
 
 class DownloadProgress(OpenAIResponse):
@@ -166,7 +167,7 @@ class ModelCard(OpenAIResponse):
     revision: str | None = None
     pinned: bool | None = None
     download: DownloadProgress | None = None
-    error: str | None = None  # why it failed (status "failed")
+    reason: str | None = None  # why it failed (status "failed"); not `error`, which reads as a failed request
 
 
 class ModelList(OpenAIResponse):

@@ -99,6 +99,15 @@ def test_replicas_land_where_their_resources_say(cluster):
         assert not by_id[node_id]["is_head"]
     head = next(n for n in view["nodes"] if n["is_head"])
     assert any(r["deployment"] == "ingress" for r in head["replicas"])
+    # /v1/models says where the model is loaded: on both workers' replicas.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        card = httpx.get(f"{base}/v1/models/{MODEL}", timeout=30).json()
+        if len(card["loaded_on"]) == 2:
+            break
+        time.sleep(0.5)
+    assert card["status"] == "loaded"
+    assert {where["node_id"] for where in card["loaded_on"]} == set(placed)
 
 
 def test_one_endpoint_is_served_by_replicas_on_both_nodes(cluster):
