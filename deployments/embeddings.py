@@ -45,7 +45,7 @@ class EmbeddingsDeployment(MLXThread, LiveBatching, MultiplexedFamily):
             lambda: EmbeddingEngine(path, supports_dimensions=entry.supports_dimensions, max_batch_tokens=entry.max_batch_tokens)
         )
 
-    async def unload_model(self, model: EmbeddingEngine) -> None:  # type: ignore[override]
+    async def release_memory(self) -> None:
         await self.on_mlx_thread(release_mlx_memory)
 
     async def embed(

@@ -20,7 +20,7 @@ from mlx_orchard.engines.fair_lock import FairLock
 from mlx_orchard.engines.llm import EngineStats, LLMEngine
 from mlx_orchard.families import PoolSpec
 from mlx_orchard.models.registry import resolve_llm
-from mlx_orchard.runtime import mlx_uses_cpu_backend, physical_memory_bytes
+from mlx_orchard.runtime import mlx_uses_cpu_backend, physical_memory_bytes, release_mlx_memory
 from mlx_orchard.wire import Accepted, ChoiceChunk, SamplingParams
 
 _GB = 1 << 30
@@ -46,6 +46,13 @@ class LLMDeployment(MultiplexedFamily):
 
     async def load_model(self, entry: LLMEntry, path: Path) -> LLMModel:  # type: ignore[override]
         return await asyncio.to_thread(LLMModel, entry, path, self._mlx_lock, self.served_by)
+
+    async def release_memory(self) -> None:
+        def release() -> None:
+            with self._mlx_lock:  # between the other engines' steps
+                release_mlx_memory()
+
+        await asyncio.to_thread(release)
 
     async def generate(self, params: SamplingParams, *, keep_alive_s: float | None = None, **kwargs: Any
                        ) -> AsyncIterator[Accepted | ChoiceChunk]:

@@ -159,7 +159,10 @@ class MultiplexedFamily:
         logger.info("unloading model %r (%s); waiting for its %d requests", slot.name, reason, slot.in_flight)
         try:
             await slot.drained()
-            await self.unload_model(slot.model)
+            model, slot.model = slot.model, None
+            await self.unload_model(model)
+            del model  # the last reference: its arrays are freed before MLX's cache is emptied
+            await self.release_memory()
         finally:
             self.pool.remove(slot)
             self._report_soon()
@@ -253,9 +256,13 @@ class MultiplexedFamily:
         raise NotImplementedError
 
     async def unload_model(self, model: Any) -> None:
+        """Stop what the model runs (its requests have finished)."""
         close = getattr(model, "close", None)
         if close is not None:
             await asyncio.to_thread(close)
+
+    async def release_memory(self) -> None:
+        """After an unload: return freed memory to the system (on the right thread)."""
 
     def estimate_bytes(self, entry: ModelEntry, path: Path) -> int:
         from mlx_orchard.models.catalog import model_facts

@@ -48,7 +48,7 @@ class WhisperDeployment(MLXThread, LiveBatching, MultiplexedFamily):
         engine = await self.on_mlx_thread(lambda: WhisperEngine(path, max_batch_size=self.max_batch_size))
         return _Whisper(engine, entry.max_audio_seconds)
 
-    async def unload_model(self, model: _Whisper) -> None:  # type: ignore[override]
+    async def release_memory(self) -> None:
         await self.on_mlx_thread(release_mlx_memory)
 
     async def transcribe(
