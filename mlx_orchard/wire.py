@@ -30,6 +30,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    json_schema: str | None = None  # structured output: the text of a JSON schema the answer must match
 
     def with_defaults(self, **defaults: float | int | None) -> SamplingParams:
         """Unset fields from ``defaults`` (a model's config), then from the built-in values."""

@@ -221,6 +221,8 @@ def expect_kind(kind: str, v: Any) -> str:
             return "2xx" if v is None or isinstance(v, str) or v == [] else "4xx"
         case "logit_bias" | "dict":
             return "2xx" if v is None or v == {} else "4xx"
+        case "response_format":  # an object with a `type`: {} names no format
+            return "2xx" if v is None else "4xx"
         case "list":
             return "2xx" if v is None or v == [] else "4xx"
         case "logprobs":
@@ -250,7 +252,7 @@ CHAT_FIELDS: dict[str, tuple[Num | str, dict]] = {
     "user": ("str", {}),
     "logprobs": ("logprobs", {}),
     "stream_options": ("dict", {}),
-    "response_format": ("dict", {}),
+    "response_format": ("response_format", {}),
     "tools": ("list", {}),
 }
 COMPLETION_FIELDS = {

@@ -41,6 +41,7 @@ from mlx_lm.models.cache import (
 )
 
 from mlx_orchard.engines.batch_backend import BatchBackend, MlxLmBatch, StepToken
+from mlx_orchard.engines.constrained import Grammars
 from mlx_orchard.engines.detokenize import IncrementalDetokenizer
 from mlx_orchard.engines.sampling import (
     SamplingParams,
@@ -184,6 +185,8 @@ class LLMEngine:
         self._prefilled = 0
         self._generated = 0
         self._fatal: BaseException | None = None
+        self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()
         self._stopping = False
         self._loaded = threading.Event()
         self._thread = threading.Thread(target=self._run, name="orchard-llm-engine", daemon=True)
@@ -220,6 +223,13 @@ class LLMEngine:
             if self.prefix_cache_size
             else None
         )
+
+    def grammars(self) -> Grammars:
+        """Structured output's view of this model's tokenizer, built on first use."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer._tokenizer, self.vocab_size, sorted(self.eos_token_ids))
+            return self._grammars
 
     def _measure_kv_bytes_per_token(self) -> int:
         """KV-cache bytes one token adds, measured on a real cache (every architecture's own)."""
@@ -280,6 +290,8 @@ class LLMEngine:
                 f"logit_bias names token ids outside this model's vocabulary [0, {self.vocab_size}): {bad[:5]}",
                 param="logit_bias",
             )
+        if params.json_schema is not None:
+            self.grammars().grammar(params.json_schema)  # an unusable schema is a 400 now, not a failed stream
         if (params.top_k or 0) >= self.vocab_size:
             params = params.with_changes(top_k=0)  # keeping every token is no cut at all
         if params.seed is not None and not 0 <= params.seed < 1 << 64:
@@ -577,7 +589,10 @@ class LLMEngine:
         if seq.sampler is None and seq.processors is None:
             sampler = build_sampler(seq.params)
             seq.sampler = None if sampler is None else _guarded_sampler(seq, sampler)
-            seq.processors = [_guarded_processor(seq, p) for p in build_logits_processors(seq.params)]
+            processors = build_logits_processors(seq.params)
+            if seq.params.json_schema is not None:  # last: nothing after it may revive a masked token
+                processors.append(self.grammars().processor(seq.params.json_schema, len(seq.prompt)))
+            seq.processors = [_guarded_processor(seq, p) for p in processors]
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
             seq.stops = StopStringFilter(seq.params.stop)
 

@@ -2,12 +2,61 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mlx_orchard.protocol.common import ModelRequest, StreamOptions, stop_list
 from mlx_orchard.wire import SamplingParams
 
 _MAX_STOP_CHARS = 1024
+_MAX_SCHEMA_CHARS = 100_000
+_MAX_SCHEMA_DEPTH = 64
+
+
+class TextFormat(BaseModel):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(BaseModel):
+    type: Literal["json_object"]
+
+
+class JSONSchemaSpec(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(None, max_length=4096)
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _bounded(cls, v):
+        if v is None:
+            return v
+        # Depth first, without recursion: a deeply nested schema must not reach json.dumps
+        # (RecursionError) or the grammar compiler.
+        stack, nodes = [(v, 1)], 0
+        while stack:
+            node, depth = stack.pop()
+            nodes += 1
+            if depth > _MAX_SCHEMA_DEPTH:
+                raise ValueError(f"the JSON schema is nested deeper than {_MAX_SCHEMA_DEPTH} levels")
+            children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+            stack.extend((c, depth + 1) for c in children)
+        if len(json.dumps(v)) > _MAX_SCHEMA_CHARS:
+            raise ValueError(f"the JSON schema is longer than {_MAX_SCHEMA_CHARS} characters")
+        return v
+
+
+class JSONSchemaFormat(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaFormat, Field(discriminator="type")]
 
 
 class SamplingRequest(ModelRequest):
@@ -32,7 +81,8 @@ class SamplingRequest(ModelRequest):
     # (an empty answer would look like support).
     logprobs: bool | int | None = None
     tools: list[dict] | None = None
-    response_format: dict | None = None
+    # Structured output, enforced while decoding: text, json_object or json_schema.
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _refuse_unsupported(self):
@@ -40,9 +90,16 @@ class SamplingRequest(ModelRequest):
             raise ValueError("logprobs are not supported by this server yet")
         if self.tools:
             raise ValueError("tool calling is not supported by this server yet")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
         return self
+
+    def json_schema_text(self) -> str | None:
+        """The JSON schema the answer must match (``json_object``: any JSON object), as text."""
+        match self.response_format:
+            case JSONObjectFormat():
+                return json.dumps({"type": "object"})
+            case JSONSchemaFormat(json_schema=spec):
+                return json.dumps(spec.schema_ if spec.schema_ is not None else {"type": "object"})
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -79,4 +136,5 @@ class SamplingRequest(ModelRequest):
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty or 1.0,
             logit_bias=tuple((self.logit_bias or {}).items()),
+            json_schema=self.json_schema_text(),
         )
