@@ -22,7 +22,7 @@ import numpy as np
 from mlx_orchard.errors import InvalidRequestError
 
 _GRAMMAR_CACHE = 64  # compiled grammars kept per engine, by schema text
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class Grammars:
@@ -70,7 +70,7 @@ class Grammars:
         consumed = [0]  # generated tokens the matcher has seen
 
         def constrain(context: mx.array, logits: mx.array) -> mx.array:
-            generated = context[prompt_len + consumed[0] :].tolist()  # waits for the last sampled token
+            generated: list[int] = context[prompt_len + consumed[0] :].tolist()  # type: ignore[assignment]  # waits for the last sampled token
             for token in generated:
                 if not matcher.consume_token(token):
                     raise RuntimeError(f"the grammar refused token {token}: {matcher.get_error()}")
