@@ -124,7 +124,7 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 
 async def stream_chat(
-    client: httpx.AsyncClient, base_url: str, model: str, prompt: str, max_tokens: int
+    client: httpx.AsyncClient, base_url: str, model: str, prompt: str, max_tokens: int, extra: dict | None = None
 ) -> RequestResult:
     body = {
         "model": model,
@@ -133,6 +133,7 @@ async def stream_chat(
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(extra or {}),
     }
     res = RequestResult(start=time.perf_counter())
     chunks = 0
