@@ -77,6 +77,13 @@ class LLMDeployment(MultiplexedFamily):
             slot.model.close()
 
 
+def _template(value: str | None) -> str | None:
+    """An inline Jinja template, or the text of the .jinja file it names."""
+    if value and value.strip().endswith(".jinja") and "\n" not in value:
+        return Path(value).expanduser().read_text()
+    return value
+
+
 def _kv_budget(entry: LLMEntry) -> int:
     return int((physical_memory_bytes() / 4) if entry.kv_cache_gb == "auto" else entry.kv_cache_gb * _GB)
 
@@ -100,6 +107,9 @@ class LLMModel:
             max_queue_wait_s=entry.max_queue_wait_s,
             kv_cache_bytes=_kv_budget(entry),
             mlx_lock=mlx_lock,
+            context_length=entry.context_length,
+            max_tokens_limit=entry.max_tokens_limit,
+            chat_template=_template(entry.chat_template),
         )
         # Chat templating and tokenization of a large request run here, off the event loop
         # (which streams every other request's tokens) and off the MLX thread. One thread:

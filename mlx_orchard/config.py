@@ -106,6 +106,11 @@ class LLMEntry(ModelEntry):
     prefill_batch_size: int = Field(8, ge=1, description="prompts admitted and prefilled together")
     prefill_step_size: int = Field(512, ge=16, description="prompt tokens per prefill chunk")
     default_max_tokens: int = Field(2048, ge=1)
+    max_tokens_limit: int | None = Field(None, ge=1, description="requests asking for more max_tokens get 400")
+    context_length: int | None = Field(None, ge=16, description="overrides the model's own context length")
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template, inline or a path to a .jinja file, replacing the model's"
+    )
     prefix_cache_size: int = Field(16, ge=0, description="finished sequences whose KV cache is kept for reuse")
     prefix_cache_gb: float = Field(1.0, gt=0, description="bytes the prefix cache may hold, in GB")
     kv_cache_gb: float | Literal["auto"] = Field(

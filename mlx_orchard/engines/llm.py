@@ -161,8 +161,14 @@ class LLMEngine:
         max_queue_wait_s: float | None = None,
         kv_cache_bytes: int | None = None,
         mlx_lock: AbstractContextManager | None = None,
+        context_length: int | None = None,
+        max_tokens_limit: int | None = None,
+        chat_template: str | None = None,
     ):
         self.model_path = str(model_path)
+        self._context_override = context_length  # the config's word over the model's own
+        self.max_tokens_limit = max_tokens_limit  # requests asking for more are refused
+        self.chat_template = chat_template  # replaces the tokenizer's template when set
         # Engines of several models in one replica take turns on MLX (one step each), so
         # the replica's MLX work stays serial, as if on one thread.
         self._mlx_lock = mlx_lock if mlx_lock is not None else nullcontext()
@@ -201,7 +207,7 @@ class LLMEngine:
         from mlx_lm import load
 
         self.model, self.tokenizer, config = load(self.model_path, return_config=True)  # type: ignore[misc]
-        self.context_length = int(
+        self.context_length = self._context_override or int(
             config.get("max_position_embeddings") or config.get("max_seq_len") or 4096
         )
         # The rows of the embedding and of the logits: the bound for every token id.
@@ -246,10 +252,12 @@ class LLMEngine:
     # ---- tokenization (a caller's thread: the tokenizer is not MLX) ----
 
     def encode_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
+        if not self.chat_template and not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError(
                 "this model has no chat template; use /v1/completions", param="messages"
             )
+        if self.chat_template:
+            template_kwargs = {"chat_template": self.chat_template, **template_kwargs}
         try:
             ids = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True, **template_kwargs
@@ -303,8 +311,12 @@ class LLMEngine:
                 f"but the prompt has {n} tokens.",
                 param="messages",
             )
+        if self.max_tokens_limit is not None and (params.max_tokens or 0) > self.max_tokens_limit:
+            raise InvalidRequestError(
+                f"max_tokens is at most {self.max_tokens_limit} for this model", param="max_tokens"
+            )
         if params.max_tokens is None:
-            max_tokens = min(room, self.default_max_tokens)
+            max_tokens = min(room, self.default_max_tokens, self.max_tokens_limit or room)
         elif params.max_tokens > room:
             raise ContextLengthExceededError(
                 f"This model's maximum context length is {self.context_length} tokens. "
