@@ -120,24 +120,12 @@ class Downloads:
         return Path(self.cache_dir or constants.HF_HUB_CACHE).expanduser().resolve() / f"models--{repo_id.replace('/', '--')}"
 
     def _run(self, state: DownloadState) -> None:
-        from huggingface_hub import snapshot_download
-
         storage = self._storage(state.repo_id)
         mark: _CacheMark | None = None
         try:
             mark = _CacheMark.take(storage)  # before the dry run: it already writes refs/
             cached = self._plan(state)
-            path = Path(
-                snapshot_download(
-                    state.repo_id,
-                    revision=state.revision,
-                    cache_dir=self.cache_dir,
-                    endpoint=self.endpoint,
-                    token=self.token,
-                    allow_patterns=ALLOW_PATTERNS,
-                    tqdm_class=_progress_class(state, cached),  # type: ignore[arg-type]
-                )
-            )
+            path = Path(self._snapshot(state, tqdm_class=_progress_class(state, cached)))
             if not is_complete_model(path):
                 raise NotAModelError("not a model: no config.json / weights")
             total = state.bytes_total if state.bytes_total is not None else _tree_size(path)
@@ -159,21 +147,24 @@ class Downloads:
             state.finished_at = time.time()
             state.finished.set()
 
-    def _plan(self, state: DownloadState) -> int:
-        """Set the total from a dry run (one HEAD per file); return the bytes already cached."""
+    def _snapshot(self, state: DownloadState, **kwargs: Any) -> Any:
+        """huggingface_hub's snapshot_download of this repo: only the files a model needs."""
         from huggingface_hub import snapshot_download
 
+        return snapshot_download(
+            state.repo_id,
+            revision=state.revision,
+            cache_dir=self.cache_dir,
+            endpoint=self.endpoint,
+            token=self.token,
+            allow_patterns=ALLOW_PATTERNS,
+            **kwargs,
+        )
+
+    def _plan(self, state: DownloadState) -> int:
+        """Set the total from a dry run (one HEAD per file); return the bytes already cached."""
         try:
-            files = snapshot_download(
-                state.repo_id,
-                revision=state.revision,
-                cache_dir=self.cache_dir,
-                endpoint=self.endpoint,
-                token=self.token,
-                allow_patterns=ALLOW_PATTERNS,
-                tqdm_class=_Progress,  # type: ignore[arg-type]
-                dry_run=True,
-            )
+            files = self._snapshot(state, tqdm_class=_Progress, dry_run=True)
         except Exception as e:
             # The download proper fails the same way, with the error worth reporting.
             logger.info("no size for %s: %s", state.repo_id, e)
