@@ -64,6 +64,8 @@ class Grammars:
         """A logits processor that allows only tokens continuing a document valid against
         ``schema``. ``prompt_len``: where this sequence's generated tokens start in the
         context the batch hands processors (the prompt, then every token generated)."""
+        from llguidance.numpy import fill_next_token_bitmask  # once per sequence, not per token
+
         matcher = self._ll.LLMatcher(self.tokenizer, self.grammar(schema))
         words = (self.vocab_size + 31) // 32
         bitmask = np.zeros((1, words), dtype=np.int32)
@@ -75,8 +77,6 @@ class Grammars:
                 if not matcher.consume_token(token):
                     raise RuntimeError(f"the grammar refused token {token}: {matcher.get_error()}")
             consumed[0] += len(generated)
-            from llguidance.numpy import fill_next_token_bitmask
-
             fill_next_token_bitmask(matcher, bitmask, 0)
             if matcher.is_error():  # a limit of llguidance's (lexer fuel, items) ran out: fail this sequence
                 raise RuntimeError(f"the grammar cannot go on: {matcher.get_error()}")

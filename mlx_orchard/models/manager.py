@@ -237,7 +237,7 @@ class ModelManager:
         if any(d.status == "done" and d.repo_id not in local for d in self.downloads.all()):
             local = self.local(fresh=True)  # a download just finished: list it as what it is
         for c in self.configured.values():
-            card = self._configured_card(c, local.get(c.name))
+            card = self._configured_card(c)
             for alias in (c.name, *c.aliases):
                 cards[alias] = card.model_copy(update={"id": alias})
         for mid, found in local.items():
@@ -262,7 +262,7 @@ class ModelManager:
         loaded = self._loaded_on(name)
         return card.model_copy(update={"loaded_on": loaded, "status": "loaded" if loaded else card.status})
 
-    def _configured_card(self, c: Configured, found) -> ModelCard:
+    def _configured_card(self, c: Configured) -> ModelCard:
         card = ModelCard(id=c.name, family=c.family, status="available", source="config", pinned=c.pinned)
         facts = _source_facts(c.source)
         if facts is not None:
@@ -270,7 +270,6 @@ class ModelManager:
         return self._status(c.name, card)
 
     def _local_card(self, mid: str, found) -> ModelCard:
-        q = found.quantization
         card = ModelCard(
             id=mid,
             created=found.created,
@@ -280,7 +279,7 @@ class ModelManager:
             repo_id=found.repo_id,
             revision=found.revision,
             size_bytes=found.size_bytes,
-            quantization=Quantization(bits=q.get("bits"), group_size=q.get("group_size")) if q else None,
+            quantization=_quantization(found.quantization),
             context_length=found.context_length,
             pinned=False,
         )
@@ -315,10 +314,13 @@ def _source_facts(source: str) -> dict | None:
     if path.is_file():
         return {"size_bytes": path.stat().st_size, "created": int(path.stat().st_mtime)}
     facts = model_facts(path)
-    q = facts.quantization
     return {
         "size_bytes": facts.size_bytes,
         "context_length": facts.context_length,
-        "quantization": Quantization(bits=q.get("bits"), group_size=q.get("group_size")) if q else None,
+        "quantization": _quantization(facts.quantization),
         "created": int(path.stat().st_mtime),
     }
+
+
+def _quantization(q: dict | None) -> Quantization | None:
+    return Quantization(bits=q.get("bits"), group_size=q.get("group_size")) if q else None
