@@ -17,11 +17,13 @@ from ray.util import metrics
 from deployments.multiplex import MultiplexedFamily
 from mlx_orchard.config import LLMEntry
 from mlx_orchard.engines.fair_lock import FairLock
-from mlx_orchard.engines.llm import EngineStats, LLMEngine
+from mlx_orchard.engines.llm import EngineStats, GenerationChunk, LLMEngine
 from mlx_orchard.families import PoolSpec
 from mlx_orchard.models.registry import resolve_llm
+from mlx_orchard.parsers.model_output import ModelOutput
+from mlx_orchard.parsers.output import HarmonyParser, OutputParser
 from mlx_orchard.runtime import mlx_uses_cpu_backend, physical_memory_bytes, release_mlx_memory
-from mlx_orchard.wire import Accepted, ChoiceChunk, SamplingParams
+from mlx_orchard.wire import Accepted, ChoiceChunk, SamplingParams, ToolCall, ToolRequest
 
 _GB = 1 << 30
 
@@ -77,8 +79,15 @@ class LLMDeployment(MultiplexedFamily):
             slot.model.close()
 
 
+_SHIPPED_TEMPLATES = Path(__file__).resolve().parent.parent / "mlx_orchard" / "templates"
+
+
 def _template(value: str | None) -> str | None:
-    """An inline Jinja template, or the text of the .jinja file it names."""
+    """An inline Jinja template, the text of the .jinja file it names, or one Orchard ships."""
+    if value and "\n" not in value and "{" not in value:
+        shipped = _SHIPPED_TEMPLATES / f"{value.strip()}.jinja"
+        if shipped.is_file():
+            return shipped.read_text()
     if value and value.strip().endswith(".jinja") and "\n" not in value:
         return Path(value).expanduser().read_text()
     return value
@@ -86,6 +95,38 @@ def _template(value: str | None) -> str | None:
 
 def _kv_budget(entry: LLMEntry) -> int:
     return int((physical_memory_bytes() / 4) if entry.kv_cache_gb == "auto" else entry.kv_cache_gb * _GB)
+
+
+def _parsed(chunk: GenerationChunk, parser: OutputParser | HarmonyParser | None) -> ChoiceChunk:
+    """An engine chunk as the ingress gets it: answer text, reasoning and tool calls apart."""
+    out = ChoiceChunk(chunk.index, "", chunk.completion_tokens, chunk.finish_reason, logprobs=chunk.logprobs)
+    if parser is None:
+        out.text = chunk.text
+        return out
+    pieces = parser.feed(chunk.text) + (parser.finish() if chunk.finish_reason else [])
+    calls = []
+    for piece in pieces:
+        if piece.kind == "text":
+            out.text += piece.text
+        elif piece.kind == "reasoning":
+            out.reasoning += piece.text
+        elif piece.call is not None:
+            calls.append(ToolCall(piece.call.id, piece.call.name, piece.call.arguments))
+    out.tool_calls = calls or None
+    if chunk.finish_reason == "stop" and parser.calls:
+        out.finish_reason = "tool_calls"
+    return out
+
+
+def _extend(into: ChoiceChunk, new: ChoiceChunk) -> None:
+    into.text += new.text
+    into.reasoning += new.reasoning
+    if new.tool_calls:
+        into.tool_calls = (into.tool_calls or []) + new.tool_calls
+    if new.logprobs is not None:
+        into.logprobs = (into.logprobs or []) + new.logprobs
+    into.completion_tokens = new.completion_tokens
+    into.finish_reason = new.finish_reason
 
 
 class LLMModel:
@@ -111,6 +152,13 @@ class LLMModel:
             max_tokens_limit=entry.max_tokens_limit,
             chat_template=_template(entry.chat_template),
         )
+        engine = self.engine
+        self.output = ModelOutput(
+            engine.chat_template or getattr(engine.tokenizer, "chat_template", None),
+            tool_parser=entry.tool_parser,
+            reasoning_parser=entry.reasoning_parser,
+        )
+        engine.keep_special_tokens = self.output.keeps_special_tokens(engine.special_token)
         # Chat templating and tokenization of a large request run here, off the event loop
         # (which streams every other request's tokens) and off the MLX thread. One thread:
         # a fast tokenizer must not be used from two threads at once.
@@ -137,14 +185,24 @@ class LLMModel:
         stream: bool = True,
         echo: bool = False,
         arrived_at: float | None = None,
+        tools: ToolRequest | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> AsyncIterator[Accepted | ChoiceChunk]:
         """Yields ``Accepted`` once the prompt passed its checks and joined the batch (so
         callers can answer 4xx/503 before committing to a 200), then the chunks of its
         ``n`` choices; with stream=False one chunk per choice, holding all its text.
         The request's unset sampling fields take this model's defaults. ``arrived_at`` (epoch
         seconds, from the ingress): time spent in Serve's queues counts as waiting."""
+        output = self.output
         if messages is not None:
-            ids = await self._off_loop(self.engine.encode_chat, messages)
+            kwargs = dict(template_kwargs or {})
+            template_tools = output.template_tools(tools)
+            if template_tools is not None:
+                kwargs["tools"] = template_tools
+            ids = await self._off_loop(lambda: self.engine.encode_chat(messages, **kwargs))
+            grammar = output.grammar(tools, params.json_schema, self.engine.special_token)
+            if grammar is not None:
+                params = params.with_changes(grammar=grammar, json_schema=None)
         elif isinstance(prompt, str):
             ids = await self._off_loop(self.engine.encode, prompt)
         else:
@@ -161,21 +219,26 @@ class LLMModel:
         if echo:
             prefix = prompt if isinstance(prompt, str) else await self._off_loop(self.engine.decode, ids)
         start = time.perf_counter()
-        texts = [prefix] * n  # stream: the echo still owed to each choice; else: all text so far
+        in_reasoning = messages is not None and output.starts_in_reasoning(await self._off_loop(self.engine.decode, ids[-16:]))
+        parsers = [output.parser(tools if messages is not None else None, in_reasoning) for _ in range(n)]
+        # stream: the echo still owed to each choice; else: everything so far, sent at its end
+        outs = [ChoiceChunk(i, prefix, 0, logprobs=[] if params.logprobs is not None else None) for i in range(n)]
         generated = 0
         try:
             async for chunk in chunks:
                 if not generated:
                     self._ttft.observe(time.perf_counter() - start)
                 generated += len(chunk.token_ids)
-                i = chunk.index
+                new = _parsed(chunk, parsers[chunk.index])
                 if stream:
-                    yield ChoiceChunk(i, texts[i] + chunk.text, chunk.completion_tokens, chunk.finish_reason)
-                    texts[i] = ""
+                    _extend(outs[chunk.index], new)
+                    if new.text or new.reasoning or new.tool_calls or new.logprobs or new.finish_reason:
+                        yield outs[chunk.index]
+                        outs[chunk.index] = ChoiceChunk(chunk.index, "", 0, logprobs=outs[chunk.index].logprobs and [])
                 else:
-                    texts[i] += chunk.text
+                    _extend(outs[chunk.index], new)
                     if chunk.finish_reason:
-                        yield ChoiceChunk(i, texts[i], chunk.completion_tokens, chunk.finish_reason)
+                        yield outs[chunk.index]
         finally:
             await chunks.aclose()
             # Counted once per request, not per chunk: the metric stays off the token path.

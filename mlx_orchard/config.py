@@ -109,7 +109,17 @@ class LLMEntry(ModelEntry):
     max_tokens_limit: int | None = Field(None, ge=1, description="requests asking for more max_tokens get 400")
     context_length: int | None = Field(None, ge=16, description="overrides the model's own context length")
     chat_template: str | None = Field(
-        None, description="a Jinja chat template, inline or a path to a .jinja file, replacing the model's"
+        None,
+        description="a Jinja chat template replacing the model's: inline, a path to a .jinja file, or the name of "
+        "one Orchard ships (chatml-tools: ChatML with Hermes-style tool calling)",
+    )
+    tool_parser: str | None = Field(
+        None,
+        description="how the model writes tool calls: hermes (qwen), llama3, mistral, mistral_v11, qwen3_coder, "
+        "harmony (default: read from the chat template; none found: tools are refused)",
+    )
+    reasoning_parser: str | None = Field(
+        None, description="reasoning markers: think (<think>...</think>), seed_think, harmony (default: from the template)"
     )
     prefix_cache_size: int = Field(16, ge=0, description="finished sequences whose KV cache is kept for reuse")
     prefix_cache_gb: float = Field(1.0, gt=0, description="bytes the prefix cache may hold, in GB")
@@ -123,6 +133,24 @@ class LLMEntry(ModelEntry):
         20.0, gt=0, description="a sequence not in the batch after this long is shed with 503 (None: never)"
     )
     sampling: SamplingDefaults = SamplingDefaults()
+
+    @field_validator("tool_parser")
+    @classmethod
+    def _known_tool_parser(cls, v):
+        from mlx_orchard.parsers.tool_formats import TOOL_FORMATS
+
+        if v is not None and v not in TOOL_FORMATS:
+            raise ValueError(f"unknown tool_parser {v!r}; known: {sorted(TOOL_FORMATS)}")
+        return v
+
+    @field_validator("reasoning_parser")
+    @classmethod
+    def _known_reasoning_parser(cls, v):
+        from mlx_orchard.parsers.output import REASONING_FORMATS
+
+        if v is not None and v not in (*REASONING_FORMATS, "harmony"):
+            raise ValueError(f"unknown reasoning_parser {v!r}; known: {sorted([*REASONING_FORMATS, 'harmony'])}")
+        return v
 
 
 class BatchingOptions(Strict):

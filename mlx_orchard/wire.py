@@ -31,6 +31,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     json_schema: str | None = None  # structured output: the text of a JSON schema the answer must match
+    grammar: str | None = None  # or a Lark grammar (llguidance's dialect): forced tool calls
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely (0-20)
 
     def with_defaults(self, **defaults: float | int | None) -> SamplingParams:
         """Unset fields from ``defaults`` (a model's config), then from the built-in values."""
@@ -59,15 +61,55 @@ class Accepted:
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token: str
+    bytes: list[int]
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token, its log probability and the most likely alternatives."""
+
+    token: str
+    bytes: list[int]
+    logprob: float
+    top_logprobs: list[TopLogprob]
+
+
+@dataclass(slots=True)
+class ToolCall:
+    """A complete tool call the model made (arguments: a JSON object, as text)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass
+class ToolRequest:
+    """The request's functions and what it asks of them; the replica renders them through
+    the model's chat template and reads calls in the model's own format."""
+
+    functions: list[dict]  # OpenAI function objects: name, description, parameters
+    choice: str = "auto"  # "auto" | "required" | "none" | a function's name (forced)
+    parallel: bool = True
+
+
 @dataclass(slots=True)
 class ChoiceChunk:
-    """New text of one choice (several engine steps may be coalesced). Only what the ingress
-    reads: with ``stream=False`` one chunk per choice, holding all its text."""
+    """New output of one choice (several engine steps may be coalesced). Only what the
+    ingress reads: with ``stream=False`` one chunk per choice, holding all of it. Answer
+    text, reasoning and tool calls come apart here; the ingress shapes them per API."""
 
     index: int
     text: str
     completion_tokens: int
-    finish_reason: str | None = None  # "stop" | "length" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | None while running
+    reasoning: str = ""
+    tool_calls: list[ToolCall] | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass

@@ -21,12 +21,18 @@ from mlx_orchard.protocol.chat import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatToolCall,
+    DeltaFunction,
+    DeltaToolCall,
+    FunctionCall,
+    choice_logprobs,
     completion_id,
 )
 from mlx_orchard.protocol.completions import (
     Completion,
     CompletionChoice,
     CompletionRequest,
+    completion_logprobs,
 )
 
 if TYPE_CHECKING:
@@ -60,7 +66,13 @@ def router(ingress: Ingress) -> APIRouter:
 
 async def chat(req: ChatCompletionRequest, client: LLMClient):
     generation = await client.start(
-        req.sampling_params(), n=req.n, stream=req.stream, keep_alive_s=req.keep_alive_s(), messages=req.template_messages()
+        req.sampling_params(),
+        n=req.n,
+        stream=req.stream,
+        keep_alive_s=req.keep_alive_s(),
+        messages=req.template_messages(),
+        tools=req.tool_request(),
+        template_kwargs=req.template_kwargs(),
     )
     generations = [generation]
     if not req.stream:
@@ -68,7 +80,17 @@ async def chat(req: ChatCompletionRequest, client: LLMClient):
         body = ChatCompletion(
             model=req.model,
             choices=[
-                ChatChoice(index=f.index, message=AssistantMessage(content=f.text), finish_reason=f.finish_reason)
+                ChatChoice(
+                    index=f.index,
+                    message=AssistantMessage(
+                        content=f.text if f.text or not f.tool_calls else None,
+                        reasoning_content=f.reasoning or None,
+                        tool_calls=[ChatToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+                                    for c in f.tool_calls] if f.tool_calls else None,
+                    ),
+                    finish_reason=f.finish_reason,
+                    logprobs=choice_logprobs(f.logprobs),
+                )
                 for f in finals
             ],
             usage=llm_client.usage(generations),
@@ -78,18 +100,29 @@ async def chat(req: ChatCompletionRequest, client: LLMClient):
     rid, created = completion_id("chatcmpl"), int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-    def event(index: int, delta: ChatDelta, finish: str | None = None) -> bytes:
-        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish)
+    def event(index: int, delta: ChatDelta, finish: str | None = None, logprobs=None) -> bytes:
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)
         return sse_event(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[choice]))
+
+    calls = [0] * req.n  # tool calls sent so far, per choice (each call's index)
 
     async def events() -> AsyncIterator[bytes]:
         for i in range(req.n):
             yield event(i, ChatDelta(role="assistant", content=""))
         async for chunk in llm_client.merged(generations):
-            if chunk.text:
-                yield event(chunk.index, ChatDelta(content=chunk.text))
+            i = chunk.index
+            if chunk.reasoning:
+                yield event(i, ChatDelta(reasoning_content=chunk.reasoning))
+            if chunk.text or chunk.logprobs:
+                yield event(i, ChatDelta(content=chunk.text), logprobs=choice_logprobs(chunk.logprobs))
+            for call in chunk.tool_calls or []:
+                # As OpenAI streams them: the id and name first, then the arguments.
+                yield event(i, ChatDelta(tool_calls=[DeltaToolCall(
+                    index=calls[i], id=call.id, type="function", function=DeltaFunction(name=call.name, arguments=""))]))
+                yield event(i, ChatDelta(tool_calls=[DeltaToolCall(index=calls[i], function=DeltaFunction(arguments=call.arguments))]))
+                calls[i] += 1
             if chunk.finish_reason:
-                yield event(chunk.index, ChatDelta(), chunk.finish_reason)
+                yield event(i, ChatDelta(), chunk.finish_reason)
         if include_usage:
             usage = llm_client.usage(generations)
             yield sse_event(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage))
@@ -105,7 +138,10 @@ async def text_completions(req: CompletionRequest, client: LLMClient):
         finals = await llm_client.finals(generations)
         body = Completion(
             model=req.model,
-            choices=[CompletionChoice(index=f.index, text=f.text, finish_reason=f.finish_reason) for f in finals],
+            choices=[
+                CompletionChoice(index=f.index, text=f.text, finish_reason=f.finish_reason, logprobs=completion_logprobs(f.logprobs))
+                for f in finals
+            ],
             usage=llm_client.usage(generations),
         )
         return _json(body, generations)
@@ -113,14 +149,14 @@ async def text_completions(req: CompletionRequest, client: LLMClient):
     rid, created = completion_id("cmpl"), int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-    def event(index: int, text: str, finish: str | None = None) -> bytes:
-        choice = CompletionChoice(index=index, text=text, finish_reason=finish)
+    def event(index: int, text: str, finish: str | None = None, logprobs=None) -> bytes:
+        choice = CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)
         return sse_event(Completion(id=rid, created=created, model=req.model, choices=[choice]))
 
     async def events() -> AsyncIterator[bytes]:
         async for chunk in llm_client.merged(generations):
-            if chunk.text or chunk.finish_reason:
-                yield event(chunk.index, chunk.text, chunk.finish_reason)
+            if chunk.text or chunk.finish_reason or chunk.logprobs:
+                yield event(chunk.index, chunk.text, chunk.finish_reason, completion_logprobs(chunk.logprobs))
         if include_usage:
             usage = llm_client.usage(generations)
             yield sse_event(Completion(id=rid, created=created, model=req.model, choices=[], usage=usage))

@@ -22,6 +22,7 @@ class StepToken:
     finish_reason: str | None  # "stop" (a stop token) | "length" | None
     all_tokens: list[int] | None = None  # when finished: the tokens its KV cache holds
     prompt_cache: list | None = None  # when finished: that KV cache
+    logprobs: Any = None  # the step's log probabilities over the vocabulary (an mx.array row)
 
 
 class BatchBackend(Protocol):
@@ -80,6 +81,7 @@ class MlxLmBatch:
                 r.finish_reason,
                 list(r.all_tokens) if r.finish_reason else None,
                 r.prompt_cache if r.finish_reason else None,
+                r.logprobs,
             )
             for r in responses
         ]

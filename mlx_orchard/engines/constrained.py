@@ -22,6 +22,7 @@ import numpy as np
 from mlx_orchard.errors import InvalidRequestError
 
 _GRAMMAR_CACHE = 64  # compiled grammars kept per engine, by schema text
+_PARAM = {"json": "response_format", "lark": "tools"}
 _JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
@@ -35,38 +36,50 @@ class Grammars:
         self._ll = llguidance
         self.vocab_size = vocab_size
         self.tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size, eos_token=list(eos_token_ids))
-        self._cache: OrderedDict[str, str] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._lock = threading.Lock()  # checked on the tokenizer thread, used on the engine thread
 
     def grammar(self, schema: str) -> str:
         """The llguidance grammar for a JSON schema (text), checked; 400 if it is not one."""
+        return self._compiled(("json", schema))
+
+    def lark(self, grammar: str) -> str:
+        """The llguidance grammar for a Lark grammar (forced tool calls), checked."""
+        return self._compiled(("lark", grammar))
+
+    def _compiled(self, key: tuple[str, str]) -> str:
         with self._lock:
-            found = self._cache.get(schema)
+            found = self._cache.get(key)
             if found is not None:
-                self._cache.move_to_end(schema)
+                self._cache.move_to_end(key)
                 return found
+        kind, text = key
+        what = "response_format: the JSON schema" if kind == "json" else "tools: the tool-call grammar"
         try:
-            # Compact separators, no free whitespace: a small model otherwise pads its JSON
-            # with newlines until max_tokens (measured on SmolLM2).
-            grammar = self._ll.LLMatcher.grammar_from_json_schema(json.loads(schema), defaults=_JSON_OPTIONS)
+            if kind == "json":
+                # Compact separators, no free whitespace: a small model otherwise pads its JSON
+                # with newlines until max_tokens (measured on SmolLM2).
+                grammar = self._ll.LLMatcher.grammar_from_json_schema(json.loads(text), defaults=_JSON_OPTIONS)
+            else:
+                grammar = self._ll.LLMatcher.grammar_from_lark(text)
         except Exception as e:  # noqa: BLE001 - llguidance's own message says what is wrong
-            raise InvalidRequestError(f"response_format: the JSON schema is not usable: {e}", param="response_format") from None
+            raise InvalidRequestError(f"{what} is not usable: {e}", param=_PARAM[kind]) from None
         error = self._ll.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error and not error.startswith("WARNING"):
-            raise InvalidRequestError(f"response_format: the JSON schema is not usable: {error}", param="response_format")
+            raise InvalidRequestError(f"{what} is not usable: {error}", param=_PARAM[kind])
         with self._lock:
-            self._cache[schema] = grammar
+            self._cache[key] = grammar
             while len(self._cache) > _GRAMMAR_CACHE:
                 self._cache.popitem(last=False)
         return grammar
 
-    def processor(self, schema: str, prompt_len: int) -> Callable[[mx.array, mx.array], mx.array]:
-        """A logits processor that allows only tokens continuing a document valid against
-        ``schema``. ``prompt_len``: where this sequence's generated tokens start in the
+    def processor(self, grammar: str, prompt_len: int) -> Callable[[mx.array, mx.array], mx.array]:
+        """A logits processor that allows only tokens continuing a sentence of ``grammar``
+        (from ``grammar()`` or ``lark()``). ``prompt_len``: where this sequence's generated tokens start in the
         context the batch hands processors (the prompt, then every token generated)."""
         from llguidance.numpy import fill_next_token_bitmask  # once per sequence, not per token
 
-        matcher = self._ll.LLMatcher(self.tokenizer, self.grammar(schema))
+        matcher = self._ll.LLMatcher(self.tokenizer, grammar)
         words = (self.vocab_size + 31) // 32
         bitmask = np.zeros((1, words), dtype=np.int32)
         consumed = [0]  # generated tokens the matcher has seen

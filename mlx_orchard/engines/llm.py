@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
@@ -49,6 +50,7 @@ from mlx_orchard.engines.sampling import (
     build_sampler,
 )
 from mlx_orchard.engines.stopping import StopStringFilter
+from mlx_orchard.engines.token_bytes import TokenBytes
 from mlx_orchard.errors import (
     ContextLengthExceededError,
     EngineError,
@@ -56,11 +58,13 @@ from mlx_orchard.errors import (
     OverloadedError,
     ServiceUnavailableError,
 )
+from mlx_orchard.wire import TokenLogprob, TopLogprob
 
 logger = logging.getLogger("orchard.llm")
 _MODEL_KEY = 0  # the prefix cache is per engine, which serves one model
 _MAX_LOGIT_BIAS = 1024  # entries per request; OpenAI allows 300
 _ADMITTED = object()  # queued to a caller when its sequence joins the batch
+_MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 
 
 @dataclass
@@ -72,6 +76,7 @@ class GenerationChunk:
     completion_tokens: int
     finish_reason: str | None = None  # "stop" | "length" | None while running
     index: int = 0  # which of the request's n choices
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked
 
 
 @dataclass
@@ -164,11 +169,15 @@ class LLMEngine:
         context_length: int | None = None,
         max_tokens_limit: int | None = None,
         chat_template: str | None = None,
+        keep_special_tokens: bool = False,
     ):
         self.model_path = str(model_path)
         self._context_override = context_length  # the config's word over the model's own
         self.max_tokens_limit = max_tokens_limit  # requests asking for more are refused
         self.chat_template = chat_template  # replaces the tokenizer's template when set
+        # Text keeps special tokens (not end-of-sequence ones) when the model's tool-call or
+        # reasoning markers are special tokens (harmony, Mistral's [TOOL_CALLS]).
+        self.keep_special_tokens = keep_special_tokens
         # Engines of several models in one replica take turns on MLX (one step each), so
         # the replica's MLX work stays serial, as if on one thread.
         self._mlx_lock = mlx_lock if mlx_lock is not None else nullcontext()
@@ -213,6 +222,9 @@ class LLMEngine:
         # The rows of the embedding and of the logits: the bound for every token id.
         self.vocab_size = int(config.get("vocab_size") or len(self.tokenizer.vocab))
         self.eos_token_ids = set(self.tokenizer.eos_token_ids)
+        hf = self.tokenizer._tokenizer
+        self._added_tokens = {t: i for t, i in hf.get_added_vocab().items() if 0 <= i < self.vocab_size}
+        self.token_bytes = TokenBytes(hf)
         self.kv_bytes_per_token = self._measure_kv_bytes_per_token()
         self._make_generator = lambda: MlxLmBatch(
             self.model,
@@ -236,6 +248,17 @@ class LLMEngine:
             if self._grammars is None:
                 self._grammars = Grammars(self.tokenizer._tokenizer, self.vocab_size, sorted(self.eos_token_ids))
             return self._grammars
+
+    def _grammar_of(self, params: SamplingParams) -> str | None:
+        if params.grammar is not None:
+            return self.grammars().lark(params.grammar)
+        if params.json_schema is not None:
+            return self.grammars().grammar(params.json_schema)
+        return None
+
+    def special_token(self, text: str) -> int | None:
+        """The id of ``text`` when it is one added (special or control) token of this model."""
+        return self._added_tokens.get(text)
 
     def _measure_kv_bytes_per_token(self) -> int:
         """KV-cache bytes one token adds, measured on a real cache (every architecture's own)."""
@@ -298,8 +321,9 @@ class LLMEngine:
                 f"logit_bias names token ids outside this model's vocabulary [0, {self.vocab_size}): {bad[:5]}",
                 param="logit_bias",
             )
-        if params.json_schema is not None:
-            self.grammars().grammar(params.json_schema)  # an unusable schema is a 400 now, not a failed stream
+        self._grammar_of(params)  # an unusable schema or grammar is a 400 now, not a failed stream
+        if params.logprobs is not None and not 0 <= params.logprobs <= _MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"top_logprobs must be between 0 and {_MAX_TOP_LOGPROBS}", param="top_logprobs")
         if (params.top_k or 0) >= self.vocab_size:
             params = params.with_changes(top_k=0)  # keeping every token is no cut at all
         if params.seed is not None and not 0 <= params.seed < 1 << 64:
@@ -453,7 +477,7 @@ class LLMEngine:
                 continue
             if seq.followers:  # choice 0 has prefilled: its siblings start from its KV
                 self._spawn_followers(seq, r)
-            self._on_token(seq, r.token, r.finish_reason)
+            self._on_token(seq, r.token, r.finish_reason, r.logprobs)
             if r.finish_reason and self._prefix_cache is not None:
                 self._remember(r.all_tokens or [], r.prompt_cache or [])
         self._fail_poisoned()
@@ -602,10 +626,11 @@ class LLMEngine:
             sampler = build_sampler(seq.params)
             seq.sampler = None if sampler is None else _guarded_sampler(seq, sampler)
             processors = build_logits_processors(seq.params)
-            if seq.params.json_schema is not None:  # last: nothing after it may revive a masked token
-                processors.append(self.grammars().processor(seq.params.json_schema, len(seq.prompt)))
+            grammar = self._grammar_of(seq.params)
+            if grammar is not None:  # last: nothing after it may revive a masked token
+                processors.append(self.grammars().processor(grammar, len(seq.prompt)))
             seq.processors = [_guarded_processor(seq, p) for p in processors]
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=not self.keep_special_tokens)
             seq.stops = StopStringFilter(seq.params.stop)
 
     def _admit(self, seqs: list[_Sequence]) -> None:
@@ -649,7 +674,7 @@ class LLMEngine:
                 seq.admitted = True
                 seq.emit(_ADMITTED)
 
-    def _on_token(self, seq: _Sequence, token: int, finish_reason: str | None) -> None:
+    def _on_token(self, seq: _Sequence, token: int, finish_reason: str | None, logprobs: Any = None) -> None:
         assert seq.detokenizer is not None and seq.stops is not None and seq.uid is not None  # admitted
         self._generated += 1
         seq.prefilling = False
@@ -675,9 +700,26 @@ class LLMEngine:
             completion_tokens=seq.completion_tokens,
             finish_reason=finish_reason,
             index=seq.index,
+            logprobs=None if seq.params.logprobs is None or logprobs is None else [self._logprob(token, logprobs, seq.params.logprobs)],
         )
         if not seq.emit(chunk) and not seq.done:  # the caller's loop is gone: stop its work
             self._drop(seq)
+
+    def _logprob(self, token: int, row: mx.array, top: int) -> TokenLogprob:
+        """The chosen token's log probability (after the request's own logits processors:
+        bias, penalties, grammar) and the ``top`` most likely tokens, most likely first."""
+        alternatives: list[TopLogprob] = []
+        if top:
+            ids = mx.argpartition(-row, top - 1)[:top]
+            values = row[ids]
+            mx.eval(ids, values)
+            found: list[tuple[float, int]] = list(zip(values.tolist(), ids.tolist()))  # type: ignore[arg-type]
+            alternatives = [
+                TopLogprob(*self.token_bytes(i), logprob=v) for v, i in sorted(found, reverse=True) if math.isfinite(v)
+            ]
+        text, raw = self.token_bytes(token)
+        chosen: float = row[token].item()  # type: ignore[assignment]
+        return TokenLogprob(text, raw, chosen, alternatives)
 
     def _fail_poisoned(self) -> None:
         """Sequences whose own sampler or processor raised this step leave the batch alone."""
@@ -799,5 +841,6 @@ def _coalesce(item: object, out: _Mailbox) -> object:
             completion_tokens=nxt.completion_tokens,
             finish_reason=nxt.finish_reason,
             index=item.index,
+            logprobs=None if item.logprobs is None else item.logprobs + (nxt.logprobs or []),
         )
     return item

@@ -47,8 +47,9 @@ class ToolFormat:
         raise NotImplementedError
 
     def forced(self, functions: list[dict], parallel: bool, special: SpecialToken) -> str:
-        """A Lark grammar (llguidance) whose every sentence is one call (or several with
-        ``parallel``) to one of ``functions``, its arguments valid against the schema."""
+        """Lark rules (llguidance's dialect), the top one named ``calls``, whose every sentence
+        is one call (or several with ``parallel``) to one of ``functions``, its arguments valid
+        against the function's schema."""
         raise NotImplementedError
 
 
@@ -62,7 +63,21 @@ def _json_rule(schema: dict) -> str:
 
 
 def _params(function: dict) -> dict:
-    return function.get("parameters") or {"type": "object", "properties": {}}
+    return _closed(function.get("parameters") or {"type": "object", "properties": {}})
+
+
+def _closed(schema: Any) -> Any:
+    """Objects that list their properties take no others unless they say so: a forced call
+    then holds the arguments the function declares (as OpenAI's strict mode does), not
+    keys a small model invents. (Schemas are bounded in depth by the request's checks.)"""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) if k not in ("enum", "const", "default", "examples") else v for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def _call_schema(functions: list[dict], args_key: str) -> dict:
@@ -80,7 +95,7 @@ def _call_schema(functions: list[dict], args_key: str) -> dict:
 
 
 def _repeat(rule: str, separator: str, parallel: bool) -> str:
-    return f"start: {rule} ({json.dumps(separator)} {rule}){{0,{_MAX_PARALLEL - 1}}}" if parallel else f"start: {rule}"
+    return f"calls: {rule} ({json.dumps(separator)} {rule}){{0,{_MAX_PARALLEL - 1}}}" if parallel else f"calls: {rule}"
 
 
 def checked_call(name: Any, arguments: Any, functions: dict[str, dict]) -> ToolCall:
@@ -177,10 +192,10 @@ class Mistral(ToolFormat):
             options = " | ".join(f"{json.dumps(f['name'])} {args} a{i}" for i, f in enumerate(functions))
             rules = "".join(f"a{i}: {_json_rule(_params(f))}\n" for i, f in enumerate(functions))
             repeat = f"({start} call){{1,{_MAX_PARALLEL}}}" if parallel else f"{start} call"
-            return f"start: {repeat}\ncall: {options}\n{rules}"
+            return f"calls: {repeat}\ncall: {options}\n{rules}"
         schema = {"type": "array", "items": _call_schema(functions, "arguments"), "minItems": 1,
                   "maxItems": _MAX_PARALLEL if parallel else 1}
-        return f"start: {start} calls\ncalls: {_json_rule(schema)}\n"
+        return f"calls: {start} array\narray: {_json_rule(schema)}\n"
 
 
 class Qwen3Coder(ToolFormat):
@@ -222,7 +237,8 @@ class Qwen3Coder(ToolFormat):
                 if schema.get("type") == "string" and "enum" in schema:
                     rules.append(f"{value}: " + " | ".join(json.dumps(str(e)) for e in schema["enum"]))
                 elif schema.get("type") == "string":
-                    rules.append(f"{value}: /[^<]*/")
+                    low, high = int(schema.get("minLength", 0)), schema.get("maxLength")
+                    rules.append(f"{value}: /[^<]{{{low},{'' if high is None else int(high)}}}/")
                 else:
                     rules.append(f"{value}: {_json_rule(schema)}")
                 part = f'"<parameter={p}>\\n" {value} "\\n</parameter>\\n"'
@@ -250,7 +266,17 @@ class Harmony(ToolFormat):
         )
         rules = "".join(f"a{i}: {_json_rule(_params(f))}\n" for i, f in enumerate(functions))
         # One call: <|call|> ends the turn (it is an end-of-sequence token).
-        return f"start: call\ncall: {options}\n{rules}"
+        return f"calls: {options}\n{rules}"
+
+
+def forced_grammar(fmt: ToolFormat, functions: list[dict], *, parallel: bool, special: SpecialToken,
+                   answer_schema: dict | None = None) -> str:
+    """The grammar of an answer that must call a tool; with ``answer_schema``, one that may
+    instead be a JSON answer matching it (``tool_choice=auto`` with ``response_format``)."""
+    rules = fmt.forced(functions, parallel, special)
+    if answer_schema is None:
+        return "start: calls\n" + rules
+    return f"start: calls | answer\nanswer: {_json_rule(answer_schema)}\n" + rules
 
 
 TOOL_FORMATS: dict[str, Callable[[], ToolFormat]] = {

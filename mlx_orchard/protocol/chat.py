@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from mlx_orchard.errors import InvalidRequestError
 from mlx_orchard.protocol.common import OpenAIRequest, OpenAIResponse, Usage
 from mlx_orchard.protocol.sampling import SamplingRequest
+from mlx_orchard.protocol.tools import FUNCTION_NAME, MAX_TOOLS, ChatTool, NamedToolChoice, tool_request
+from mlx_orchard.wire import TokenLogprob, ToolRequest
 
 _MAX_PARTS = 1024  # content parts per message
 
@@ -20,10 +23,38 @@ class TextPart(BaseModel):
     text: str
 
 
+class CalledFunction(BaseModel):
+    name: str = Field(pattern=FUNCTION_NAME)
+    arguments: str = Field(max_length=1_000_000)
+
+
+class MessageToolCall(BaseModel):
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(OpenAIRequest):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | Annotated[list[TextPart | dict[str, Any]], Field(max_length=_MAX_PARTS)] | None = None
     name: str | None = Field(None, max_length=256)
+    tool_calls: list[MessageToolCall] | None = Field(None, max_length=MAX_TOOLS)  # assistant turns
+    tool_call_id: str | None = Field(None, max_length=256)  # tool turns
+    reasoning_content: str | None = None  # assistant turns, as this server returned them
+
+    def template_message(self) -> dict[str, Any]:
+        # "developer" is OpenAI's newer name for "system"; chat templates know "system".
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                for c in self.tool_calls
+            ]
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id or ""
+            if self.name:
+                out["name"] = self.name
+        return out
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -40,32 +71,126 @@ class ChatMessage(OpenAIRequest):
         return "".join(parts)
 
 
+def _arguments(text: str) -> Any:
+    """Arguments as chat templates expect them: a mapping (most render it with tojson)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
+
+
+_TEMPLATE_RESERVED = {"messages", "tools", "add_generation_prompt", "tokenize", "chat_template", "continue_final_message"}
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=8192)
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1, description="deprecated alias of max_completion_tokens")
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    # vLLM's extension: extra variables for the chat template (enable_thinking=False, ...).
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v):
+        if v is None:
+            return v
+        if set(v) & _TEMPLATE_RESERVED:
+            raise ValueError(f"chat_template_kwargs may not set {sorted(set(v) & _TEMPLATE_RESERVED)}")
+        if len(json.dumps(v)) > 16_384:
+            raise ValueError("chat_template_kwargs is longer than 16384 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        self.tool_request()  # a named tool that is not offered is a 400 now
+        return self
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def template_messages(self) -> list[dict[str, str]]:
-        # "developer" is OpenAI's newer name for "system"; chat templates know "system".
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in self.messages
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def tool_request(self) -> ToolRequest | None:
+        choice = self.tool_choice
+        name = choice.function.name if isinstance(choice, NamedToolChoice) else choice
+        return tool_request([t.function.spec() for t in self.tools or []], name, self.parallel_tool_calls)
+
+    def template_kwargs(self) -> dict[str, Any]:
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            kwargs.setdefault("reasoning_effort", self.reasoning_effort)
+        return kwargs
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.template_message() for m in self.messages]
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ChatToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class TopLogprobOut(BaseModel):
+    token: str
+    bytes: list[int] | None
+    logprob: float
+
+
+class TokenLogprobOut(TopLogprobOut):
+    top_logprobs: list[TopLogprobOut]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None = None
+
+
+def choice_logprobs(items: list[TokenLogprob] | None) -> ChoiceLogprobs | None:
+    if items is None:
+        return None
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprobOut(
+                token=t.token,
+                bytes=t.bytes,
+                logprob=t.logprob,
+                top_logprobs=[TopLogprobOut(token=a.token, bytes=a.bytes, logprob=a.logprob) for a in t.top_logprobs],
+            )
+            for t in items
         ]
+    )
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ChatToolCall] | None = None
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
+    finish_reason: FinishReason | None
+    logprobs: ChoiceLogprobs | None = None
 
 
 def completion_id(prefix: str) -> str:
@@ -82,16 +207,30 @@ class ChatCompletion(OpenAIResponse):
     system_fingerprint: str | None = None
 
 
+class DeltaFunction(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    finish_reason: FinishReason | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(OpenAIResponse):

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from mlx_orchard.protocol.chat import completion_id
 from mlx_orchard.protocol.common import OpenAIResponse, Usage
 from mlx_orchard.protocol.sampling import SamplingRequest
+from mlx_orchard.wire import TokenLogprob
 
 Prompt = str | list[str] | list[int] | list[list[int]]
 
@@ -18,6 +19,7 @@ class CompletionRequest(SamplingRequest):
     prompt: Prompt
     echo: bool = False
     max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5, description="legacy: the k most likely tokens at each step")
 
     @field_validator("prompt")
     @classmethod
@@ -36,6 +38,9 @@ class CompletionRequest(SamplingRequest):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
+
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts, each text or token ids."""
         p = self.prompt
@@ -46,11 +51,35 @@ class CompletionRequest(SamplingRequest):
         return cast(list[str | list[int]], list(p))
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy shape: parallel lists, one entry per token."""
+
+    tokens: list[str] = []
+    token_logprobs: list[float] = []
+    top_logprobs: list[dict[str, float]] = []
+    text_offset: list[int] = []
+
+
+def completion_logprobs(items: list[TokenLogprob] | None) -> CompletionLogprobs | None:
+    if items is None:
+        return None
+    offsets, at = [], 0
+    for t in items:
+        offsets.append(at)
+        at += len(t.token)
+    return CompletionLogprobs(
+        tokens=[t.token for t in items],
+        token_logprobs=[t.logprob for t in items],
+        top_logprobs=[{a.token: a.logprob for a in t.top_logprobs} for t in items],
+        text_offset=offsets,
+    )
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(OpenAIResponse):

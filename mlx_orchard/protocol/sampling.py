@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mlx_orchard.protocol.common import ModelRequest, StreamOptions, stop_list
+from mlx_orchard.protocol.tools import check_schema
 from mlx_orchard.wire import SamplingParams
 
 _MAX_STOP_CHARS = 1024
-_MAX_SCHEMA_CHARS = 100_000
-_MAX_SCHEMA_DEPTH = 64
 
 
 class TextFormat(BaseModel):
@@ -34,21 +33,7 @@ class JSONSchemaSpec(BaseModel):
     @field_validator("schema_")
     @classmethod
     def _bounded(cls, v):
-        if v is None:
-            return v
-        # Depth first, without recursion: a deeply nested schema must not reach json.dumps
-        # (RecursionError) or the grammar compiler.
-        stack, nodes = [(v, 1)], 0
-        while stack:
-            node, depth = stack.pop()
-            nodes += 1
-            if depth > _MAX_SCHEMA_DEPTH:
-                raise ValueError(f"the JSON schema is nested deeper than {_MAX_SCHEMA_DEPTH} levels")
-            children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-            stack.extend((c, depth + 1) for c in children)
-        if len(json.dumps(v)) > _MAX_SCHEMA_CHARS:
-            raise ValueError(f"the JSON schema is longer than {_MAX_SCHEMA_CHARS} characters")
-        return v
+        return check_schema(v)
 
 
 class JSONSchemaFormat(BaseModel):
@@ -77,20 +62,8 @@ class SamplingRequest(ModelRequest):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    # Accepted so clients that send them switched off work; switched on they are refused
-    # (an empty answer would look like support).
-    logprobs: bool | int | None = None
-    tools: list[dict] | None = None
     # Structured output, enforced while decoding: text, json_object or json_schema.
     response_format: ResponseFormat | None = None
-
-    @model_validator(mode="after")
-    def _refuse_unsupported(self):
-        if self.logprobs not in (None, False, 0):
-            raise ValueError("logprobs are not supported by this server yet")
-        if self.tools:
-            raise ValueError("tool calling is not supported by this server yet")
-        return self
 
     def json_schema_text(self) -> str | None:
         """The JSON schema the answer must match (``json_object``: any JSON object), as text."""
@@ -121,6 +94,10 @@ class SamplingRequest(ModelRequest):
     def requested_max_tokens(self) -> int | None:
         raise NotImplementedError
 
+    def requested_logprobs(self) -> int | None:
+        """None: no logprobs; k: the chosen token's and the k most likely ones."""
+        raise NotImplementedError
+
     def sampling_params(self) -> SamplingParams:
         """Engine arguments. Fields the request leaves unset stay None: the replica fills in
         the model's defaults."""
@@ -137,4 +114,5 @@ class SamplingRequest(ModelRequest):
             repetition_penalty=self.repetition_penalty or 1.0,
             logit_bias=tuple((self.logit_bias or {}).items()),
             json_schema=self.json_schema_text(),
+            logprobs=self.requested_logprobs(),
         )
