@@ -225,8 +225,8 @@ def expect_kind(kind: str, v: Any) -> str:
             return "2xx" if v is None else "4xx"
         case "list":
             return "2xx" if v is None or v == [] else "4xx"
-        case "logprobs":
-            return "2xx" if v is None or (type(v) is int and v == 0) else "4xx"
+        case "logprobs":  # a strict boolean (top_logprobs says how many)
+            return "2xx" if v is None or isinstance(v, bool) else "4xx"
         case "encoding_format":
             return "any" if v is None else "4xx"
     raise AssertionError(kind)
@@ -251,6 +251,7 @@ CHAT_FIELDS: dict[str, tuple[Num | str, dict]] = {
     "logit_bias": ("logit_bias", {}),
     "user": ("str", {}),
     "logprobs": ("logprobs", {}),
+    "top_logprobs": (Num(True, 0, 20), {"logprobs": True}),
     "stream_options": ("dict", {}),
     "response_format": ("response_format", {}),
     "tools": ("list", {}),

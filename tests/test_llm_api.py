@@ -162,7 +162,7 @@ def _assert_openai_error(resp: httpx.Response, status: int, param: str | None = 
         ('{"model": "smollm2", "messages": [{"role": "wizard", "content": "hi"}]}', None),
         ('{"messages": [{"role": "user", "content": "hi"}]}', "model"),
         ('[1, 2, 3]', None),
-        ('{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "logprobs": true}', None),
+        ('{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "logprobs": "yes"}', "logprobs"),
         ('{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}', None),
         ('{"model": "smollm2", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', "messages"),
     ],

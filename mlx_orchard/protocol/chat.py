@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, StrictBool, field_validator, model_serializer, model_validator
 
 from mlx_orchard.errors import InvalidRequestError
 from mlx_orchard.protocol.common import OpenAIRequest, OpenAIResponse, Usage
@@ -87,7 +87,7 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=8192)
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1, description="deprecated alias of max_completion_tokens")
-    logprobs: bool | None = None
+    logprobs: StrictBool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -207,12 +207,21 @@ class ChatCompletion(OpenAIResponse):
     system_fingerprint: str | None = None
 
 
-class DeltaFunction(BaseModel):
+class _Sparse(BaseModel):
+    """Sent without its unset fields, as OpenAI streams tool-call deltas: clients merge
+    deltas key by key, so a ``"type": null`` in a fragment would erase the type."""
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunction(_Sparse):
     name: str | None = None
     arguments: str | None = None
 
 
-class DeltaToolCall(BaseModel):
+class DeltaToolCall(_Sparse):
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
