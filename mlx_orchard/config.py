@@ -253,6 +253,10 @@ class IngressOptions(Strict):
     max_upload_mb: float = Field(25.0, gt=0, description="largest audio upload; bigger gets 413")
     max_body_mb: float = Field(16.0, gt=0, description="largest JSON request body; bigger gets 413")
     request_timeout_s: float = Field(600.0, gt=0, description="a request still unanswered after this gets 504")
+    responses_store_size: int = Field(
+        1000, ge=0, description="Responses API: stored responses (previous_response_id), least recently used out; per ingress replica"
+    )
+    responses_store_mb: float = Field(64.0, gt=0, description="Responses API: bytes the stored responses may hold")
     deployment: DeploymentOptions = DeploymentOptions()
 
 

@@ -55,6 +55,14 @@ class ModelNotFoundError(OrchardError):
     code = "model_not_found"
 
 
+class NotFoundError(OrchardError):
+    """A stored object (a response) that is not here."""
+
+    status_code = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
 class PayloadTooLargeError(OrchardError):
     status_code = 413
     type = "invalid_request_error"

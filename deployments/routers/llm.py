@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from deployments import llm_client
 from deployments.http import SSE_DONE, sse_errors_inline, sse_event
 from deployments.llm_client import Generation, LLMClient
+from deployments.routers import responses
 from mlx_orchard.protocol.chat import (
     AssistantMessage,
     ChatChoice,
@@ -61,6 +62,8 @@ def router(ingress: Ingress) -> APIRouter:
     async def completions(req: CompletionRequest):
         return await ingress.bounded(text_completions(req, await client(req.model)))
 
+    # The Responses API and Anthropic Messages: other shapes over the same LLM client.
+    api.include_router(responses.router(ingress, client))
     return api
 
 
