@@ -93,8 +93,12 @@ def error_payload(exc: BaseException) -> tuple[int, dict[str, Any]]:
     return status, body.model_dump()
 
 
-def error_response(exc: BaseException) -> JSONResponse:
+def error_response(exc: BaseException, *, anthropic: bool = False) -> JSONResponse:
+    """``anthropic``: the body also says ``"type": "error"`` (Anthropic's shape, which holds
+    the same ``error`` object) for /v1/messages."""
     status, body = error_payload(exc)
+    if anthropic:
+        body = {"type": "error", **body}
     headers = {"Retry-After": "1"} if status in (429, 503) else None
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -163,7 +167,7 @@ async def _refuse(scope, receive, send, exc: OrchardError) -> None:
 class APIKeyMiddleware:
     """``/v1/*`` needs the API key on every transport; ``/health`` and CORS preflights stay open.
 
-    HTTP sends ``Authorization: Bearer <key>``. WebSocket clients send the same header, or,
+    HTTP sends ``Authorization: Bearer <key>`` (or ``x-api-key: <key>``, as Anthropic's SDK does). WebSocket clients send the same header, or,
     from a browser that cannot set headers, the subprotocol ``openai-insecure-api-key.<key>``
     as OpenAI's realtime API accepts. Plain ASGI (not BaseHTTPMiddleware) so streamed
     responses and client disconnects pass through untouched.
@@ -179,6 +183,9 @@ class APIKeyMiddleware:
         headers = dict(scope["headers"])
         scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key):
+            return True
+        # Anthropic's SDK (and Claude Code) send the key as x-api-key.
+        if b"x-api-key" in headers and hmac.compare_digest(headers[b"x-api-key"].strip(), self._key):
             return True
         if scope["type"] == "websocket":
             for proto in headers.get(b"sec-websocket-protocol", b"").split(b","):

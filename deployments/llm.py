@@ -99,7 +99,8 @@ def _kv_budget(entry: LLMEntry) -> int:
 
 def _parsed(chunk: GenerationChunk, parser: OutputParser | HarmonyParser | None) -> ChoiceChunk:
     """An engine chunk as the ingress gets it: answer text, reasoning and tool calls apart."""
-    out = ChoiceChunk(chunk.index, "", chunk.completion_tokens, chunk.finish_reason, logprobs=chunk.logprobs)
+    out = ChoiceChunk(chunk.index, "", chunk.completion_tokens, chunk.finish_reason, logprobs=chunk.logprobs,
+                      stop_sequence=chunk.stop_sequence)
     if parser is None:
         out.text = chunk.text
         return out
@@ -127,6 +128,7 @@ def _extend(into: ChoiceChunk, new: ChoiceChunk) -> None:
         into.logprobs = (into.logprobs or []) + new.logprobs
     into.completion_tokens = new.completion_tokens
     into.finish_reason = new.finish_reason
+    into.stop_sequence = new.stop_sequence
 
 
 class LLMModel:

@@ -110,6 +110,7 @@ class ChoiceChunk:
     reasoning: str = ""
     tool_calls: list[ToolCall] | None = None
     logprobs: list[TokenLogprob] | None = None
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
 
 @dataclass

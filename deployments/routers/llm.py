@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from deployments import llm_client
 from deployments.http import SSE_DONE, sse_errors_inline, sse_event
 from deployments.llm_client import Generation, LLMClient
-from deployments.routers import responses
+from deployments.routers import messages, responses
 from mlx_orchard.protocol.chat import (
     AssistantMessage,
     ChatChoice,
@@ -64,6 +64,7 @@ def router(ingress: Ingress) -> APIRouter:
 
     # The Responses API and Anthropic Messages: other shapes over the same LLM client.
     api.include_router(responses.router(ingress, client))
+    api.include_router(messages.router(ingress, client))
     return api
 
 

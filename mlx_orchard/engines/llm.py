@@ -77,6 +77,7 @@ class GenerationChunk:
     finish_reason: str | None = None  # "stop" | "length" | None while running
     index: int = 0  # which of the request's n choices
     logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked
+    stop_sequence: str | None = None  # the request's stop string that ended it
 
 
 @dataclass
@@ -701,6 +702,7 @@ class LLMEngine:
             finish_reason=finish_reason,
             index=seq.index,
             logprobs=None if seq.params.logprobs is None or logprobs is None else [self._logprob(token, logprobs, seq.params.logprobs)],
+            stop_sequence=seq.stops.matched,
         )
         if not seq.emit(chunk) and not seq.done:  # the caller's loop is gone: stop its work
             self._drop(seq)
@@ -842,5 +844,6 @@ def _coalesce(item: object, out: _Mailbox) -> object:
             finish_reason=nxt.finish_reason,
             index=item.index,
             logprobs=None if item.logprobs is None else item.logprobs + (nxt.logprobs or []),
+            stop_sequence=nxt.stop_sequence,
         )
     return item

@@ -12,6 +12,7 @@ class StopStringFilter:
         self.stops = tuple(s for s in stops if s)
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, text: str) -> str:
         """Add newly decoded text; return the part that is safe to send to the client."""
@@ -21,9 +22,11 @@ class StopStringFilter:
         if not self.stops:
             self._held = ""
             return buf
-        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        found = [(i, s) for s in self.stops if (i := buf.find(s)) >= 0]
+        cut = min(found)[0] if found else -1
         if cut >= 0:
             self.stopped = True
+            self.matched = min(found)[1]
             self._held = ""
             return buf[:cut]
         hold = self._longest_partial_suffix(buf)
