@@ -14,6 +14,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 
+from deployments.llm_client import merged_calls
 from deployments.multiplex import MultiplexedFamily
 from mlx_orchard.config import LLMEntry
 from mlx_orchard.engines.fair_lock import FairLock
@@ -23,7 +24,7 @@ from mlx_orchard.models.registry import resolve_llm
 from mlx_orchard.parsers.model_output import ModelOutput
 from mlx_orchard.parsers.output import HarmonyParser, OutputParser
 from mlx_orchard.runtime import mlx_uses_cpu_backend, physical_memory_bytes, release_mlx_memory
-from mlx_orchard.wire import Accepted, ChoiceChunk, SamplingParams, ToolCall, ToolRequest
+from mlx_orchard.wire import Accepted, ChoiceChunk, SamplingParams, ToolCallDelta, ToolRequest
 
 _GB = 1 << 30
 
@@ -105,15 +106,17 @@ def _parsed(chunk: GenerationChunk, parser: OutputParser | HarmonyParser | None)
         out.text = chunk.text
         return out
     pieces = parser.feed(chunk.text) + (parser.finish() if chunk.finish_reason else [])
-    calls = []
+    calls: list[ToolCallDelta] = []
     for piece in pieces:
         if piece.kind == "text":
             out.text += piece.text
         elif piece.kind == "reasoning":
             out.reasoning += piece.text
-        elif piece.call is not None:
-            calls.append(ToolCall(piece.call.id, piece.call.name, piece.call.arguments))
-    out.tool_calls = calls or None
+        elif piece.kind in ("tool_call", "call_begin") and piece.call is not None:
+            calls.append(ToolCallDelta(piece.index, piece.call.id, piece.call.name, piece.call.arguments))
+        elif piece.kind == "call_args":
+            calls.append(ToolCallDelta(piece.index, arguments=piece.text))
+    out.tool_calls = merged_calls([], calls) or None
     if chunk.finish_reason == "stop" and parser.calls:
         out.finish_reason = "tool_calls"
     return out
@@ -123,7 +126,7 @@ def _extend(into: ChoiceChunk, new: ChoiceChunk) -> None:
     into.text += new.text
     into.reasoning += new.reasoning
     if new.tool_calls:
-        into.tool_calls = (into.tool_calls or []) + new.tool_calls
+        into.tool_calls = merged_calls(into.tool_calls or [], new.tool_calls)
     if new.logprobs is not None:
         into.logprobs = (into.logprobs or []) + new.logprobs
     into.completion_tokens = new.completion_tokens

@@ -16,7 +16,7 @@ from typing import Any, cast
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from mlx_orchard.protocol.common import PromptTokensDetails, Usage
-from mlx_orchard.wire import Accepted, ChoiceChunk, SamplingParams
+from mlx_orchard.wire import Accepted, ChoiceChunk, SamplingParams, ToolCallDelta
 
 
 class LLMClient:
@@ -153,3 +153,15 @@ def usage(generations: list[Generation]) -> Usage:
 def served_by(generations: list[Generation]) -> dict[str, str]:
     """Which replica (and node) answered: handy when several Macs serve one endpoint."""
     return {"X-Orchard-Replica": ",".join(dict.fromkeys(g.accepted.served_by for g in generations))}
+
+
+def merged_calls(into: list[ToolCallDelta], new: list[ToolCallDelta]) -> list[ToolCallDelta]:
+    """Deltas of the same call joined (its id and name stay on its first delta)."""
+    out = list(into)
+    for delta in new:
+        if out and out[-1].index == delta.index and delta.name is None:
+            last = out[-1]
+            out[-1] = ToolCallDelta(last.index, last.id, last.name, last.arguments + delta.arguments)
+        else:
+            out.append(delta)
+    return out

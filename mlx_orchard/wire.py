@@ -79,12 +79,14 @@ class TokenLogprob:
 
 
 @dataclass(slots=True)
-class ToolCall:
-    """A complete tool call the model made (arguments: a JSON object, as text)."""
+class ToolCallDelta:
+    """Part of a tool call: its first delta has the id and the name, later ones more of the
+    arguments (a JSON object, as text). A call read whole comes as one delta with all three."""
 
-    id: str
-    name: str
-    arguments: str
+    index: int  # the call's place among the choice's calls
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
 
 
 @dataclass
@@ -108,7 +110,7 @@ class ChoiceChunk:
     completion_tokens: int
     finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | None while running
     reasoning: str = ""
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[ToolCallDelta] | None = None
     logprobs: list[TokenLogprob] | None = None
     stop_sequence: str | None = None  # the stop string that ended it, if one did
 

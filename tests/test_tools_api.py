@@ -77,7 +77,7 @@ def test_streamed_tool_call_deltas_reassemble_to_the_whole_call(client):
     kw = {"model": MODEL, "messages": ASK, "tools": [WEATHER, TIME], "tool_choice": NAMED, "max_tokens": 80, "temperature": 0}
     whole = client.chat.completions.create(**kw).choices[0].message.tool_calls[0]
     calls: dict[int, dict] = {}
-    finish, text = None, ""
+    finish, text, fragments = None, "", 0
     for chunk in client.chat.completions.create(**kw, stream=True):
         choice = chunk.choices[0]
         text += choice.delta.content or ""
@@ -86,9 +86,11 @@ def test_streamed_tool_call_deltas_reassemble_to_the_whole_call(client):
                 assert d.id and d.function.name
                 calls[d.index] = {"id": d.id, "name": d.function.name, "arguments": ""}
             calls[d.index]["arguments"] += d.function.arguments or ""
+            fragments += bool(d.function.arguments)
         finish = choice.finish_reason or finish
     assert finish == "tool_calls"
     assert text == ""  # no markup leaked into the text
+    assert fragments > 2  # a forced call's arguments stream as they are written
     assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [(whole.function.name, json.loads(whole.function.arguments))]
 
 

@@ -89,7 +89,7 @@ async def chat(req: ChatCompletionRequest, client: LLMClient):
                     message=AssistantMessage(
                         content=f.text if f.text or not f.tool_calls else None,
                         reasoning_content=f.reasoning or None,
-                        tool_calls=[ChatToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+                        tool_calls=[ChatToolCall(id=c.id or "", function=FunctionCall(name=c.name or "", arguments=c.arguments))
                                     for c in f.tool_calls] if f.tool_calls else None,
                     ),
                     finish_reason=f.finish_reason,
@@ -108,8 +108,6 @@ async def chat(req: ChatCompletionRequest, client: LLMClient):
         choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)
         return sse_event(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[choice]))
 
-    calls = [0] * req.n  # tool calls sent so far, per choice (each call's index)
-
     async def events() -> AsyncIterator[bytes]:
         for i in range(req.n):
             yield event(i, ChatDelta(role="assistant", content=""))
@@ -120,11 +118,12 @@ async def chat(req: ChatCompletionRequest, client: LLMClient):
             if chunk.text or chunk.logprobs:
                 yield event(i, ChatDelta(content=chunk.text), logprobs=choice_logprobs(chunk.logprobs))
             for call in chunk.tool_calls or []:
-                # As OpenAI streams them: the id and name first, then the arguments.
-                yield event(i, ChatDelta(tool_calls=[DeltaToolCall(
-                    index=calls[i], id=call.id, type="function", function=DeltaFunction(name=call.name, arguments=""))]))
-                yield event(i, ChatDelta(tool_calls=[DeltaToolCall(index=calls[i], function=DeltaFunction(arguments=call.arguments))]))
-                calls[i] += 1
+                # As OpenAI streams them: the id and name first, then argument fragments.
+                if call.name is not None:
+                    yield event(i, ChatDelta(tool_calls=[DeltaToolCall(
+                        index=call.index, id=call.id, type="function", function=DeltaFunction(name=call.name, arguments=""))]))
+                if call.arguments:
+                    yield event(i, ChatDelta(tool_calls=[DeltaToolCall(index=call.index, function=DeltaFunction(arguments=call.arguments))]))
             if chunk.finish_reason:
                 yield event(i, ChatDelta(), chunk.finish_reason)
         if include_usage:

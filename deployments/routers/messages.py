@@ -61,7 +61,7 @@ def _blocks(final: ChoiceChunk) -> list[dict[str, Any]]:
         blocks.append({"type": "thinking", "thinking": final.reasoning, "signature": ""})
     if final.text or not final.tool_calls:
         blocks.append({"type": "text", "text": final.text})
-    blocks += [tool_use_block(c.id, c.name, c.arguments) for c in final.tool_calls or []]
+    blocks += [tool_use_block(c.id or "", c.name or "", c.arguments) for c in final.tool_calls or []]
     return blocks
 
 
@@ -111,11 +111,11 @@ async def _events(req: MessagesRequest, generation: Generation) -> AsyncIterator
                         yield e
                 yield _event("content_block_delta", index=index, delta={"type": "text_delta", "text": chunk.text})
             for call in chunk.tool_calls or []:
-                for e in begin("tool_use", {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}):
-                    yield e
-                yield _event("content_block_delta", index=index, delta={"type": "input_json_delta", "partial_json": call.arguments})
-                for e in close():
-                    yield e
+                if call.name is not None:  # a new call: its block opens, its arguments follow
+                    for e in begin("tool_use", {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}):
+                        yield e
+                if call.arguments and open_kind == "tool_use":
+                    yield _event("content_block_delta", index=index, delta={"type": "input_json_delta", "partial_json": call.arguments})
         if index < 0:  # an empty answer is still one text block
             for e in begin("text", {"type": "text", "text": ""}):
                 yield e

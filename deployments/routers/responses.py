@@ -16,7 +16,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from deployments import llm_client
 from deployments.http import error_payload
-from deployments.llm_client import Generation, LLMClient
+from deployments.llm_client import Generation, LLMClient, merged_calls
 from mlx_orchard.errors import NotFoundError
 from mlx_orchard.protocol.common import stop_list
 from mlx_orchard.protocol.responses import (
@@ -149,7 +149,7 @@ def _items(final: ChoiceChunk) -> list[OutputItem]:
         status = "incomplete" if final.finish_reason == "length" else "completed"
         items.append(OutputMessage(status=status, content=[OutputText(text=final.text, logprobs=_logprobs(final.logprobs))]))
     for call in final.tool_calls or []:
-        items.append(OutputFunctionCall(call_id=call.id, name=call.name, arguments=call.arguments))
+        items.append(OutputFunctionCall(call_id=call.id or "", name=call.name or "", arguments=call.arguments))
     return items
 
 
@@ -192,7 +192,7 @@ class _Stream:
         self.shell = shell
         self.seq = 0
         self.output: list[OutputItem] = []
-        self.open: OutputMessage | OutputReasoning | None = None
+        self.open: OutputMessage | OutputReasoning | OutputFunctionCall | None = None
         self.text = ""
         self.logprobs: list[TokenLogprob] | None = None
 
@@ -217,7 +217,10 @@ class _Stream:
         if item is None:
             return []
         events = []
-        if isinstance(item, OutputMessage):
+        if isinstance(item, OutputFunctionCall):
+            item.status = "completed"
+            events.append(self.event("response.function_call_arguments.done", **self._common(), arguments=item.arguments, name=item.name))
+        elif isinstance(item, OutputMessage):
             logprobs = _logprobs(self.logprobs) or []
             events.append(self.event("response.output_text.done", **self._common(), content_index=0, text=self.text, logprobs=logprobs))
             part = OutputText(text=self.text, logprobs=_logprobs(self.logprobs))
@@ -249,16 +252,13 @@ class _Stream:
             events.append(self.event("response.output_text.delta", **self._common(), content_index=0, delta=chunk.text,
                                      logprobs=_logprobs(chunk.logprobs) or []))
         for call in chunk.tool_calls or []:
-            events += self.close()
-            item = OutputFunctionCall(call_id=call.id, name=call.name, arguments="", status="in_progress")
-            index = len(self.output)
-            events.append(self.event("response.output_item.added", output_index=index, item=_dump(item)))
-            events.append(self.event("response.function_call_arguments.delta", item_id=item.id, output_index=index, delta=call.arguments))
-            events.append(self.event("response.function_call_arguments.done", item_id=item.id, output_index=index,
-                                     arguments=call.arguments, name=call.name))
-            item.arguments, item.status = call.arguments, "completed"
-            events.append(self.event("response.output_item.done", output_index=index, item=_dump(item)))
-            self.output.append(item)
+            if call.name is not None:  # a new call: its item opens, its arguments follow
+                events += self.close()
+                self.open = OutputFunctionCall(call_id=call.id or "", name=call.name, arguments="", status="in_progress")
+                events.append(self.event("response.output_item.added", output_index=len(self.output), item=_dump(self.open)))
+            if call.arguments and isinstance(self.open, OutputFunctionCall):
+                self.open.arguments += call.arguments
+                events.append(self.event("response.function_call_arguments.delta", **self._common(), delta=call.arguments))
         return events
 
 
@@ -272,7 +272,7 @@ async def _events(shell: ResponseObject, generation: Generation,
         async for chunk in generation.chunks():
             whole.text += chunk.text
             whole.reasoning += chunk.reasoning
-            whole.tool_calls = (whole.tool_calls or []) + (chunk.tool_calls or []) or None
+            whole.tool_calls = merged_calls(whole.tool_calls or [], chunk.tool_calls or []) or None
             whole.completion_tokens, whole.finish_reason = chunk.completion_tokens, chunk.finish_reason
             for event in stream.feed(chunk):
                 yield event

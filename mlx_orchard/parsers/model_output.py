@@ -76,15 +76,20 @@ class ModelOutput:
         )
 
     def parser(self, tools: ToolRequest | None, in_reasoning: bool) -> OutputParser | HarmonyParser | None:
-        """A parser for one choice, or None when the text passes through as it is."""
+        """A parser for one choice, or None when the text passes through as it is. A forced
+        call streams its arguments as they are written (the grammar keeps them valid)."""
         functions = {}
         if tools is not None and tools.choice != "none":
             functions = {f["name"]: f for f in tools.functions}
+        forced = bool(functions) and tools is not None and tools.choice != "auto"
         if self.harmony:
-            return HarmonyParser(functions)
+            return HarmonyParser(functions, stream_calls=forced)
         if not self.reasoning and not (functions and self.tool_format):
             return None
-        return OutputParser(self.tool_format, functions, self.reasoning, in_reasoning)
+        assert tools is not None or not functions
+        single = tools is not None and (not tools.parallel or tools.choice not in ("auto", "required"))
+        stream = forced and self.tool_format is not None and (self.tool_format.one_call_per_region or single)
+        return OutputParser(self.tool_format, functions, self.reasoning, in_reasoning, stream_calls=stream)
 
     def starts_in_reasoning(self, prompt_tail: str) -> bool:
         """Templates that open the reasoning block in the prompt (DeepSeek-R1, Qwen3 thinking)."""

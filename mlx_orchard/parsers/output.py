@@ -1,9 +1,11 @@
 """Split a choice's streamed text into answer text, reasoning and tool calls, as it streams.
 
 Text that might be the start of a marker is held back until the next delta says whether it
-is one, so no markup ever reaches the text deltas. Reasoning streams as it comes; a tool
-call is read when its region closes (or the answer ends) and handed over whole — a call
-that does not parse goes back as the text it was, markers included.
+is one, so no markup ever reaches the text deltas. Reasoning streams as it comes. A tool call
+the model chose to make is read when its region closes (or the answer ends) and handed over
+whole — one that does not parse goes back as the text it was, markers included. A call the
+grammar forced cannot be malformed, so it streams: its name as soon as it is written, then
+its arguments as they come (``stream_calls``).
 """
 
 from __future__ import annotations
@@ -24,17 +26,24 @@ REASONING_FORMATS: dict[str, tuple[str, str]] = {
 
 @dataclass
 class Piece:
-    kind: Literal["text", "reasoning", "tool_call"]
+    """``tool_call``: a whole call; ``call_begin`` (id and name), ``call_args`` (a fragment in
+    ``text``) and ``call_end`` (the whole call): one streamed call. ``index``: the call's
+    place among the answer's calls."""
+
+    kind: Literal["text", "reasoning", "tool_call", "call_begin", "call_args", "call_end"]
     text: str = ""
     call: ToolCall | None = None
+    index: int = 0
 
 
 class OutputParser:
     """One choice's parser. ``functions``: the request's tools by name (None: no tool parsing)."""
 
     def __init__(self, tools: ToolFormat | None = None, functions: dict[str, dict] | None = None,
-                 reasoning: tuple[str, str] | None = None, in_reasoning: bool = False):
+                 reasoning: tuple[str, str] | None = None, in_reasoning: bool = False, stream_calls: bool = False):
         self._tools = tools if functions else None
+        self._stream_calls = stream_calls and self._tools is not None and self._tools.streamed is not None
+        self._call: ToolCall | None = None  # the streamed call being written
         self._functions = functions or {}
         self._reasoning = reasoning
         self._region: Literal["reasoning", "tool"] | None = "reasoning" if reasoning and in_reasoning else None
@@ -55,7 +64,10 @@ class OutputParser:
         out: list[Piece] = []
         while self._step(out, final=True):
             pass
-        if self._region == "tool":
+        if self._region == "tool" and self._call is not None:
+            assert self._tools is not None  # cut short (max_tokens) unless its format has no end marker
+            self._end_streamed(self._buf, out, complete=self._tools.end is None)
+        elif self._region == "tool":
             self._close_tool(self._buf, out, closed=False)
         elif self._region == "reasoning":
             out.append(Piece("reasoning", self._buf))
@@ -64,7 +76,7 @@ class OutputParser:
             if not self.calls and not self._after_region:
                 out.append(Piece("text", self._space))
         self._buf, self._region = "", None
-        return [p for p in _merge(out) if p.text or p.call]
+        return _merge(out)
 
     # ---- the state machine: True while there is more to do in the buffer ----
 
@@ -116,6 +128,8 @@ class OutputParser:
             return False
         # inside a tool call
         assert self._tools is not None
+        if self._stream_calls:
+            return self._stream_tool(out, final)
         end_marker = self._tools.end
         if end_marker is None:
             return False  # the call runs to the end of the answer
@@ -125,6 +139,44 @@ class OutputParser:
         self._close_tool(buf[:at], out, closed=True)
         self._buf, self._region = buf[at + len(end_marker):], None
         return True
+
+    def _stream_tool(self, out: list[Piece], final: bool) -> bool:
+        """A forced call: its name once written, then its arguments as they come."""
+        fmt, buf = self._tools, self._buf
+        assert fmt is not None and fmt.streamed is not None
+        if self._call is None:
+            match = fmt.streamed.match(buf)
+            if match is None:
+                return False  # the name is not complete yet (finish() reads what there is)
+            self._call = ToolCall(name=match.group(1), arguments="")
+            out.append(Piece("call_begin", call=self._call, index=self.calls))
+            self._buf = buf[match.end():]
+            return True
+        at = buf.find(fmt.end) if fmt.end else -1
+        if at >= 0:
+            self._end_streamed(buf[:at], out, complete=True)
+            self._buf, self._region = buf[at + len(fmt.end or ""):], None
+            return True
+        hold = min(len(buf), fmt.streamed_suffix + (_held_back(buf, [fmt.end]) if fmt.end else 0))
+        self._args(buf[: len(buf) - hold], out)
+        self._buf = buf[len(buf) - hold:]
+        return False
+
+    def _args(self, fragment: str, out: list[Piece]) -> None:
+        if fragment and self._call is not None:
+            self._call.arguments += fragment
+            out.append(Piece("call_args", text=fragment, index=self.calls))
+
+    def _end_streamed(self, body: str, out: list[Piece], complete: bool) -> None:
+        """The rest of a streamed call's arguments (without the layout's closing characters
+        when the call is complete; a call cut short keeps all it has)."""
+        assert self._tools is not None and self._call is not None
+        self._args(body[: max(0, len(body) - self._tools.streamed_suffix)] if complete else body, out)
+        out.append(Piece("call_end", call=self._call, index=self.calls))
+        self._call = None
+        self.calls += 1
+        self._after_region = True
+        self._space = ""
 
     def _text(self, text: str, out: list[Piece]) -> None:
         # Trailing whitespace is held until real text follows: before a tool call it is
@@ -155,8 +207,8 @@ class OutputParser:
         self._space = ""
         self._after_region = True
         for call in calls:
+            out.append(Piece("tool_call", call=call, index=self.calls))
             self.calls += 1
-            out.append(Piece("tool_call", call=call))
 
 
 class HarmonyParser:
@@ -168,8 +220,10 @@ class HarmonyParser:
     _channel = re.compile(r"<\|channel\|>\s*(\w+)")
     _ends = ("<|end|>", "<|call|>", "<|return|>")
 
-    def __init__(self, functions: dict[str, dict] | None = None):
+    def __init__(self, functions: dict[str, dict] | None = None, stream_calls: bool = False):
         self._functions = functions or {}
+        self._stream_calls = stream_calls
+        self._call: ToolCall | None = None  # the streamed call being written
         self._buf = ""
         self._header_text: str | None = None  # the current message's header; None: reading a header
         self.calls = 0
@@ -188,7 +242,7 @@ class HarmonyParser:
         if self._header_text is not None:
             self._close(self._buf, out)
         self._buf, self._header_text = "", None
-        return [p for p in _merge(out) if p.text or p.call]
+        return _merge(out)
 
     def _kind(self) -> tuple[str, str | None]:
         header = self._header_text or ""
@@ -212,24 +266,40 @@ class HarmonyParser:
             self._buf, self._header_text = buf[at + len(end):], None
             return True
         channel, recipient = self._kind()
-        if recipient is None and not final:  # stream text and reasoning as they come
+        if final:
+            return False
+        if recipient is not None and self._stream_calls and self._call is None:
+            self._call = ToolCall(name=recipient.removeprefix("functions."), arguments="")
+            out.append(Piece("call_begin", call=self._call, index=self.calls))
+        if recipient is None or self._call is not None:  # stream text, reasoning, forced arguments
             hold = _held_back(buf, list(self._ends))
             self._emit(channel, buf[: len(buf) - hold], out)
             self._buf = buf[len(buf) - hold:]
         return False
 
     def _emit(self, channel: str, text: str, out: list[Piece]) -> None:
-        if text:
+        if not text:
+            return
+        if self._call is not None:
+            self._call.arguments += text
+            out.append(Piece("call_args", text=text, index=self.calls))
+        else:
             out.append(Piece("reasoning" if channel == "analysis" else "text", text))
 
     def _close(self, body: str, out: list[Piece]) -> None:
         channel, recipient = self._kind()
+        if self._call is not None:
+            self._emit(channel, body, out)
+            out.append(Piece("call_end", call=self._call, index=self.calls))
+            self._call = None
+            self.calls += 1
+            return
         if recipient is None:
             self._emit(channel, body, out)
             return
         name = recipient.removeprefix("functions.")
         try:
-            out.append(Piece("tool_call", call=checked_call(name, json.loads(body), self._functions)))
+            out.append(Piece("tool_call", call=checked_call(name, json.loads(body), self._functions), index=self.calls))
             self.calls += 1
         except (ValueError, TypeError):
             out.append(Piece("text", body))
@@ -250,10 +320,10 @@ def _merge(pieces: list[Piece]) -> list[Piece]:
     """Adjacent pieces of the same text kind as one."""
     out: list[Piece] = []
     for p in pieces:
-        if p.kind != "tool_call" and not p.text:
+        if p.kind in ("text", "reasoning") and not p.text:
             continue
-        if out and p.kind != "tool_call" and out[-1].kind == p.kind:
-            out[-1] = Piece(p.kind, out[-1].text + p.text)
+        if out and p.kind in ("text", "reasoning", "call_args") and out[-1].kind == p.kind and out[-1].index == p.index:
+            out[-1] = Piece(p.kind, out[-1].text + p.text, index=p.index)
         else:
             out.append(p)
     return out

@@ -41,6 +41,12 @@ class ToolFormat:
     end: str | None  # the text that closes it; None: the call runs to the end of the answer
     at_start_only = False  # the opening is only a call at the very start of the answer
     keep_start = False  # the opening text is part of the call's body (Llama 3's "{")
+    # A forced call has exactly the grammar's layout, so its arguments can stream as they are
+    # written: ``streamed`` matches the body up to them (group 1: the name), ``streamed_suffix``
+    # characters follow them. None: the call is read whole (and checked) before it is sent.
+    streamed: re.Pattern | None = None
+    streamed_suffix = 0
+    one_call_per_region = True  # parallel calls are separate regions (else a forced parallel call is read whole)
 
     def parse(self, body: str, functions: dict[str, dict]) -> list[ToolCall]:
         """The calls in one call region (between ``start`` and ``end``); ValueError if it is not one."""
@@ -134,6 +140,8 @@ class Hermes(ToolFormat):
 
     name = "hermes"
     start, end = "<tool_call>", "</tool_call>"
+    streamed = re.compile(r'^\n\{"name": "([^"]+)", "arguments": ')
+    streamed_suffix = 2  # "}\n"
 
     def parse(self, body, functions):
         return _json_calls(body, ("arguments", "parameters"), functions)
@@ -151,6 +159,9 @@ class Llama3(ToolFormat):
     start, end = "{", None
     also_starts = ("<|python_tag|>",)
     at_start_only, keep_start = True, True
+    streamed = re.compile(r'^\{"name": "([^"]+)", "parameters": ')
+    streamed_suffix = 1  # "}"
+    one_call_per_region = False
 
     def parse(self, body, functions):
         return _json_calls(body.removeprefix("<|python_tag|>"), ("parameters", "arguments"), functions, separators=";")

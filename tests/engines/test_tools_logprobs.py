@@ -51,7 +51,7 @@ async def generate(engine, ids, params) -> tuple[str, list]:
 
 def parse(parser, text: str) -> tuple[str, list]:
     pieces = parser.feed(text) + parser.finish()
-    return "".join(p.text for p in pieces if p.kind == "text"), [p.call for p in pieces if p.kind == "tool_call"]
+    return "".join(p.text for p in pieces if p.kind == "text"), [p.call for p in pieces if p.kind in ("tool_call", "call_end")]
 
 
 @pytest.mark.parametrize("fmt", sorted(TOOL_FORMATS))

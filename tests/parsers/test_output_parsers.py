@@ -153,3 +153,33 @@ def test_reasoning_then_tool_call():
 )
 def test_format_detected_from_the_template(template, fmt):
     assert detect_tool_format(template) == fmt
+
+
+FORCED = [
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'),
+    ("llama3", '{"name": "get_weather", "parameters": {"city": "Paris", "days": 2}}'),
+    ("harmony", '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris", "days": 2}'),
+]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, None])
+@pytest.mark.parametrize(("fmt", "output"), FORCED)
+def test_a_forced_call_streams_its_name_then_its_arguments(fmt, output, chunk):
+    """A call the grammar forced is sent as it is written: the name first, then fragments
+    that join to exactly the arguments the model wrote."""
+    parser = HarmonyParser(FUNCTIONS, stream_calls=True) if fmt == "harmony" else OutputParser(
+        tool_format(fmt), FUNCTIONS, stream_calls=True)
+    pieces = run(parser, output, chunk)
+    kinds = [p.kind for p in pieces]
+    assert kinds[0] == "call_begin" and pieces[0].call.name == "get_weather" and kinds[-1] == "call_end"
+    assert set(kinds[1:-1]) <= {"call_args"} and all(p.kind != "text" for p in pieces)
+    args = "".join(p.text for p in pieces if p.kind == "call_args")
+    assert args == '{"city": "Paris", "days": 2}' == pieces[-1].call.arguments
+    if chunk == 1:  # the name goes out before the arguments are complete
+        assert len([p for p in pieces if p.kind == "call_args"]) > 5
+
+
+def test_a_forced_call_cut_short_keeps_what_it_has():
+    parser = OutputParser(tool_format("hermes"), FUNCTIONS, stream_calls=True)
+    pieces = run(parser, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa', 3)
+    assert pieces[-1].kind == "call_end" and pieces[-1].call.arguments == '{"city": "Pa'
