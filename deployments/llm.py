@@ -22,7 +22,7 @@ from mlx_orchard.engines.llm import EngineStats, GenerationChunk, LLMEngine
 from mlx_orchard.families import PoolSpec
 from mlx_orchard.models.registry import resolve_llm
 from mlx_orchard.parsers.model_output import ModelOutput
-from mlx_orchard.parsers.output import HarmonyParser, OutputParser
+from mlx_orchard.parsers.output import HarmonyParser, OutputParser, Piece
 from mlx_orchard.runtime import mlx_uses_cpu_backend, physical_memory_bytes, release_mlx_memory
 from mlx_orchard.wire import Accepted, ChoiceChunk, SamplingParams, ToolCallDelta, ToolRequest
 
@@ -105,21 +105,26 @@ def _parsed(chunk: GenerationChunk, parser: OutputParser | HarmonyParser | None)
     if parser is None:
         out.text = chunk.text
         return out
-    pieces = parser.feed(chunk.text) + (parser.finish() if chunk.finish_reason else [])
+    _add(out, parser.feed(chunk.text) + (parser.finish() if chunk.finish_reason else []))
+    if chunk.finish_reason == "stop" and parser.calls:
+        out.finish_reason = "tool_calls"
+    return out
+
+
+def _add(out: ChoiceChunk, pieces: list[Piece]) -> None:
     calls: list[ToolCallDelta] = []
     for piece in pieces:
         if piece.kind == "text":
             out.text += piece.text
         elif piece.kind == "reasoning":
             out.reasoning += piece.text
-        elif piece.kind in ("tool_call", "call_begin") and piece.call is not None:
+        elif piece.kind == "tool_call" and piece.call is not None:
             calls.append(ToolCallDelta(piece.index, piece.call.id, piece.call.name, piece.call.arguments))
+        elif piece.kind == "call_begin" and piece.call is not None:  # its arguments follow as call_args
+            calls.append(ToolCallDelta(piece.index, piece.call.id, piece.call.name, ""))
         elif piece.kind == "call_args":
             calls.append(ToolCallDelta(piece.index, arguments=piece.text))
-    out.tool_calls = merged_calls([], calls) or None
-    if chunk.finish_reason == "stop" and parser.calls:
-        out.finish_reason = "tool_calls"
-    return out
+    out.tool_calls = merged_calls(out.tool_calls or [], calls) or None
 
 
 def _extend(into: ChoiceChunk, new: ChoiceChunk) -> None:
@@ -199,6 +204,7 @@ class LLMModel:
         The request's unset sampling fields take this model's defaults. ``arrived_at`` (epoch
         seconds, from the ingress): time spent in Serve's queues counts as waiting."""
         output = self.output
+        opening = ""
         if messages is not None:
             kwargs = dict(template_kwargs or {})
             template_tools = output.template_tools(tools)
@@ -207,7 +213,12 @@ class LLMModel:
             ids = await self._off_loop(lambda: self.engine.encode_chat(messages, **kwargs))
             grammar = output.grammar(tools, params.json_schema, self.engine.special_token)
             if grammar is not None:
-                params = params.with_changes(grammar=grammar, json_schema=None)
+                # A forced call's opening is certain: it goes into the prompt (one prefill), and
+                # the grammar reads it as already generated.
+                opening = output.forced_prefix(tools)
+                prefilled = await self._off_loop(self.engine.encode_continuation, opening) if opening else []
+                ids += prefilled
+                params = params.with_changes(grammar=grammar, json_schema=None, prefilled=len(prefilled))
         elif isinstance(prompt, str):
             ids = await self._off_loop(self.engine.encode, prompt)
         else:
@@ -228,6 +239,14 @@ class LLMModel:
         parsers = [output.parser(tools if messages is not None else None, in_reasoning) for _ in range(n)]
         # stream: the echo still owed to each choice; else: everything so far, sent at its end
         outs = [ChoiceChunk(i, prefix, 0, logprobs=[] if params.logprobs is not None else None) for i in range(n)]
+        for parser, out in zip(parsers, outs):
+            if opening and parser is not None:
+                _add(out, parser.feed(opening))  # a named call's id and name go out before its first token
+        if stream and opening:
+            for i, out in enumerate(outs):
+                if out.tool_calls:
+                    yield out
+                    outs[i] = ChoiceChunk(i, "", 0, logprobs=out.logprobs and [])
         generated = 0
         try:
             async for chunk in chunks:

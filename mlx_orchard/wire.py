@@ -33,6 +33,7 @@ class SamplingParams:
     json_schema: str | None = None  # structured output: the text of a JSON schema the answer must match
     grammar: str | None = None  # or a Lark grammar (llguidance's dialect): forced tool calls
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely (0-20)
+    prefilled: int = 0  # prompt tokens the grammar reads as already generated (a forced call's opening)
 
     def with_defaults(self, **defaults: float | int | None) -> SamplingParams:
         """Unset fields from ``defaults`` (a model's config), then from the built-in values."""

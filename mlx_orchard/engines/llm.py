@@ -290,6 +290,10 @@ class LLMEngine:
             raise InvalidRequestError(f"the chat template rejected the messages: {e}", param="messages") from e
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """Tokens of text that continues a prompt (no BOS; special-token text is the token)."""
+        return list(self.tokenizer._tokenizer.encode(text, add_special_tokens=False))
+
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
 
@@ -323,6 +327,8 @@ class LLMEngine:
                 param="logit_bias",
             )
         self._grammar_of(params)  # an unusable schema or grammar is a 400 now, not a failed stream
+        if not 0 <= params.prefilled < n:
+            raise InvalidRequestError("prefilled must be shorter than the prompt", param="prompt")
         if params.logprobs is not None and not 0 <= params.logprobs <= _MAX_TOP_LOGPROBS:
             raise InvalidRequestError(f"top_logprobs must be between 0 and {_MAX_TOP_LOGPROBS}", param="top_logprobs")
         if (params.top_k or 0) >= self.vocab_size:
@@ -629,7 +635,7 @@ class LLMEngine:
             processors = build_logits_processors(seq.params)
             grammar = self._grammar_of(seq.params)
             if grammar is not None:  # last: nothing after it may revive a masked token
-                processors.append(self.grammars().processor(grammar, len(seq.prompt)))
+                processors.append(self.grammars().processor(grammar, len(seq.prompt) - seq.params.prefilled))
             seq.processors = [_guarded_processor(seq, p) for p in processors]
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=not self.keep_special_tokens)
             seq.stops = StopStringFilter(seq.params.stop)

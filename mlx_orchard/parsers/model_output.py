@@ -75,6 +75,12 @@ class ModelOutput:
             answer_schema=None if json_schema is None else json.loads(json_schema),
         )
 
+    def forced_prefix(self, tools: ToolRequest | None) -> str:
+        """The opening a forced call must have (up to its arguments when the function is named)."""
+        if tools is None or tools.choice in ("auto", "none") or not tools.functions or self.tool_format is None:
+            return ""
+        return self.tool_format.forced_prefix(None if tools.choice == "required" else tools.choice)
+
     def parser(self, tools: ToolRequest | None, in_reasoning: bool) -> OutputParser | HarmonyParser | None:
         """A parser for one choice, or None when the text passes through as it is. A forced
         call streams its arguments as they are written (the grammar keeps them valid)."""

@@ -48,6 +48,12 @@ class ToolFormat:
     streamed_suffix = 0
     one_call_per_region = True  # parallel calls are separate regions (else a forced parallel call is read whole)
 
+    def forced_prefix(self, name: str | None) -> str:
+        """How every sentence of ``forced()`` begins (up to the arguments when the function
+        is named): the server writes it into the prompt, so the model starts after it —
+        one prefill instead of a decode step per token of boilerplate."""
+        return ""
+
     def parse(self, body: str, functions: dict[str, dict]) -> list[ToolCall]:
         """The calls in one call region (between ``start`` and ``end``); ValueError if it is not one."""
         raise NotImplementedError
@@ -143,6 +149,9 @@ class Hermes(ToolFormat):
     streamed = re.compile(r'^\n\{"name": "([^"]+)", "arguments": ')
     streamed_suffix = 2  # "}\n"
 
+    def forced_prefix(self, name):
+        return '<tool_call>\n{"name": "' + (f'{name}", "arguments": ' if name else "")
+
     def parse(self, body, functions):
         return _json_calls(body, ("arguments", "parameters"), functions)
 
@@ -163,6 +172,9 @@ class Llama3(ToolFormat):
     streamed_suffix = 1  # "}"
     one_call_per_region = False
 
+    def forced_prefix(self, name):
+        return '{"name": "' + (f'{name}", "parameters": ' if name else "")
+
     def parse(self, body, functions):
         return _json_calls(body.removeprefix("<|python_tag|>"), ("parameters", "arguments"), functions, separators=";")
 
@@ -180,6 +192,11 @@ class Mistral(ToolFormat):
 
     def __init__(self, headers: bool = False):
         self.headers = headers
+
+    def forced_prefix(self, name):
+        if self.headers:
+            return "[TOOL_CALLS]" + (f"{name}[ARGS]" if name else "")
+        return '[TOOL_CALLS][{"name": "' + (f'{name}", "arguments": ' if name else "")
 
     def parse(self, body, functions):
         body = body.strip()
@@ -214,6 +231,9 @@ class Qwen3Coder(ToolFormat):
 
     name = "qwen3_coder"
     start, end = "<tool_call>", "</tool_call>"
+
+    def forced_prefix(self, name):
+        return "<tool_call>\n<function=" + (f"{name}>\n" if name else "")
     _function = re.compile(r"^\s*<function=([^>\s]+)>(.*)</function>\s*$", re.DOTALL)
     _parameter = re.compile(r"<parameter=([^>\s]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
 
@@ -265,6 +285,9 @@ class Harmony(ToolFormat):
 
     name = "harmony"
     start, end = "<|channel|>", None
+
+    def forced_prefix(self, name):
+        return "<|channel|>commentary to=functions." + (f"{name} <|constrain|>json<|message|>" if name else "")
 
     def parse(self, body, functions):  # HarmonyParser hands over (recipient, body) pairs instead
         raise NotImplementedError

@@ -56,17 +56,22 @@ def parse(parser, text: str) -> tuple[str, list]:
 
 @pytest.mark.parametrize("fmt", sorted(TOOL_FORMATS))
 @pytest.mark.parametrize("choice", ["required", "get_weather"])
-async def test_a_forced_call_is_valid_in_every_format(engine, fmt, choice):
+@pytest.mark.parametrize("prefill", [False, True], ids=["decoded", "opening-prefilled"])
+async def test_a_forced_call_is_valid_in_every_format(engine, fmt, choice, prefill):
     """Whatever the format, the grammar makes even a 135M model write a call that parses
-    and whose arguments match the function's schema."""
+    and whose arguments match the function's schema — also when the call's opening is
+    written into the prompt and the grammar reads it as already generated."""
     output = ModelOutput(TEMPLATE, tool_parser=fmt)
     tools = ToolRequest(functions=[WEATHER, TIME], choice=choice, parallel=False)
     ids = engine.encode_chat([{"role": "user", "content": "What is the weather in Paris?"}], tools=output.template_tools(tools))
     grammar = output.grammar(tools, None, engine.special_token)
-    text, _ = await generate(engine, ids, SamplingParams(max_tokens=120, temperature=0, grammar=grammar))
+    opening = output.forced_prefix(tools) if prefill else ""
+    extra = engine.encode_continuation(opening)
+    params = SamplingParams(max_tokens=120, temperature=0, grammar=grammar, prefilled=len(extra))
+    text, _ = await generate(engine, ids + extra, params)
     parser = output.parser(tools, in_reasoning=False)
     assert isinstance(parser, HarmonyParser if fmt == "harmony" else OutputParser)
-    rest, calls = parse(parser, text)
+    rest, calls = parse(parser, opening + text)
     assert len(calls) == 1, text
     assert rest == ""
     args = json.loads(calls[0].arguments)
