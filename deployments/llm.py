@@ -207,6 +207,8 @@ class LLMModel:
         opening = ""
         if messages is not None:
             kwargs = dict(template_kwargs or {})
+            if output.reasoning:  # a model with reasoning markers thinks unless the request says not
+                kwargs.setdefault("enable_thinking", True)
             template_tools = output.template_tools(tools)
             if template_tools is not None:
                 kwargs["tools"] = template_tools
