@@ -93,12 +93,8 @@ def error_payload(exc: BaseException) -> tuple[int, dict[str, Any]]:
     return status, body.model_dump()
 
 
-def error_response(exc: BaseException, *, anthropic: bool = False) -> JSONResponse:
-    """``anthropic``: the body also says ``"type": "error"`` (Anthropic's shape, which holds
-    the same ``error`` object) for /v1/messages."""
+def error_response(exc: BaseException) -> JSONResponse:
     status, body = error_payload(exc)
-    if anthropic:
-        body = {"type": "error", **body}
     headers = {"Retry-After": "1"} if status in (429, 503) else None
     return JSONResponse(body, status_code=status, headers=headers)
 

@@ -128,20 +128,16 @@ class IngressDeployment(Ingress):
         return build_api(self)
 
 
-def _anthropic(request: Request) -> bool:
-    return request.url.path.endswith("/v1/messages")
-
-
 def build_api(ingress: Ingress) -> FastAPI:
     app = FastAPI(title="Orchard", summary="OpenAI-compatible MLX models on Ray Serve", version="0.1.0")
 
     @app.exception_handler(OrchardError)
-    async def _orchard_error(request: Request, exc: OrchardError):
-        return error_response(exc, anthropic=_anthropic(request))
+    async def _orchard_error(_: Request, exc: OrchardError):
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError):
-        return error_response(exc, anthropic=_anthropic(request))
+    async def _validation_error(_: Request, exc: RequestValidationError):
+        return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException):
@@ -150,8 +146,8 @@ def build_api(ingress: Ingress) -> FastAPI:
         return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
-    async def _any_error(request: Request, exc: Exception):
-        return error_response(exc, anthropic=_anthropic(request))
+    async def _any_error(_: Request, exc: Exception):
+        return error_response(exc)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

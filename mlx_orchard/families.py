@@ -77,7 +77,7 @@ FAMILIES: tuple[Family, ...] = (
         entry=LLMEntry,
         deployment="deployments.llm:LLMDeployment",
         router="deployments.routers.llm:router",
-        endpoints=("/v1/chat/completions", "/v1/completions"),
+        endpoints=("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"),
     ),
     Family(
         name="embeddings",

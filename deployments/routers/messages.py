@@ -1,5 +1,9 @@
 """``/v1/messages``: Anthropic's Messages API as a formatter over the LLM client, so the
-Anthropic SDK and Claude Code can use Orchard's models (thinking, text, tool_use blocks)."""
+Anthropic SDK and Claude Code can use Orchard's models (thinking, text, tool_use blocks).
+
+Refusals keep Orchard's one error body, ``{"error": {"message", "type", ...}}``: Anthropic's
+SDK reads the status and the same ``error`` object. A failure after the stream began is
+Anthropic's ``error`` event."""
 
 from __future__ import annotations
 
