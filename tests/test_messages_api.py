@@ -77,6 +77,12 @@ def test_a_tool_round_trip(claude):
     assert second.content and any(b.type == "text" and b.text.strip() for b in second.content)
 
 
+def test_a_forced_call_cut_by_max_tokens_is_not_a_500(claude):
+    r = claude.messages.create(model=MODEL, max_tokens=3, **GREEDY, tools=[WEATHER], tool_choice={"type": "any"},
+                               messages=[{"role": "user", "content": "Weather in Rome?"}])
+    assert r.stop_reason == "max_tokens"
+
+
 def test_a_streamed_tool_call(claude):
     with claude.messages.stream(model=MODEL, max_tokens=80, **GREEDY, tools=[WEATHER], tool_choice={"type": "any"},
                                 messages=[{"role": "user", "content": "Weather in Rome?"}]) as stream:

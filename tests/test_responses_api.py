@@ -107,6 +107,14 @@ def test_a_forced_tool_call_and_its_output(client):
     assert not [item for item in second.output if item.type == "function_call"] or second.output_text
 
 
+def test_a_forced_call_cut_by_max_output_tokens_is_stored(client):
+    r = client.responses.create(model=MODEL, input="Weather in Rome?", tools=[WEATHER], tool_choice="required",
+                                max_output_tokens=3, temperature=0)
+    assert r.status == "incomplete"
+    follow = client.responses.create(model=MODEL, input="Go on.", previous_response_id=r.id, max_output_tokens=3)
+    assert follow.previous_response_id == r.id
+
+
 def test_streamed_tool_call_events(client):
     events = list(client.responses.create(model=MODEL, input="Weather in Rome?", tools=[WEATHER], tool_choice="required",
                                           parallel_tool_calls=False, max_output_tokens=80, temperature=0, stream=True))

@@ -36,6 +36,7 @@ from mlx_orchard.protocol.responses import (
     ResponsesRequest,
     ResponseUsage,
 )
+from mlx_orchard.protocol.tools import template_arguments
 from mlx_orchard.response_store import ResponseStore
 from mlx_orchard.wire import ChoiceChunk, SamplingParams, TokenLogprob
 
@@ -157,7 +158,7 @@ def _assistant_turn(final: ChoiceChunk) -> dict[str, Any]:
     turn: dict[str, Any] = {"role": "assistant", "content": final.text}
     if final.tool_calls:
         turn["tool_calls"] = [
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.loads(c.arguments)}}
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": template_arguments(c.arguments)}}
             for c in final.tool_calls
         ]
     return turn

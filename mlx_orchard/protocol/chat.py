@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, StrictBool, field_validator, model_serial
 from mlx_orchard.errors import InvalidRequestError
 from mlx_orchard.protocol.common import OpenAIRequest, OpenAIResponse, Usage
 from mlx_orchard.protocol.sampling import SamplingRequest
-from mlx_orchard.protocol.tools import FUNCTION_NAME, MAX_TOOLS, ChatTool, NamedToolChoice, tool_request
+from mlx_orchard.protocol.tools import FUNCTION_NAME, MAX_TOOLS, ChatTool, NamedToolChoice, template_arguments, tool_request
 from mlx_orchard.wire import TokenLogprob, ToolRequest
 
 _MAX_PARTS = 1024  # content parts per message
@@ -47,7 +47,7 @@ class ChatMessage(OpenAIRequest):
         out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
         if self.tool_calls:
             out["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": template_arguments(c.function.arguments)}}
                 for c in self.tool_calls
             ]
         if self.role == "tool":
@@ -69,15 +69,6 @@ class ChatMessage(OpenAIRequest):
                     param="messages",
                 )
         return "".join(parts)
-
-
-def _arguments(text: str) -> Any:
-    """Arguments as chat templates expect them: a mapping (most render it with tojson)."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return text
-    return value if isinstance(value, dict) else text
 
 
 _TEMPLATE_RESERVED = {"messages", "tools", "add_generation_prompt", "tokenize", "chat_template", "continue_final_message"}

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from mlx_orchard.errors import InvalidRequestError
 from mlx_orchard.protocol.common import ModelRequest, stop_list
-from mlx_orchard.protocol.tools import FUNCTION_NAME, MAX_TOOLS, check_schema, tool_request
+from mlx_orchard.protocol.tools import FUNCTION_NAME, MAX_TOOLS, check_schema, function_spec, tool_request
 from mlx_orchard.wire import SamplingParams, ToolRequest
 
 
@@ -135,10 +135,7 @@ class MessagesRequest(ModelRequest):
         return self
 
     def tool_request(self) -> ToolRequest | None:
-        functions = [
-            {"name": t.name, "parameters": t.input_schema, **({"description": t.description} if t.description else {})}
-            for t in self.tools or []
-        ]
+        functions = [function_spec(t.name, t.description, t.input_schema) for t in self.tools or []]
         choice = self.tool_choice
         name = None if choice is None else {"auto": "auto", "any": "required", "none": "none"}.get(choice.type, choice.name)
         parallel = None if choice is None or choice.disable_parallel_tool_use is None else not choice.disable_parallel_tool_use
@@ -214,4 +211,12 @@ def stop_reason(finish: str | None, stop_sequence: str | None) -> str | None:
 
 
 def tool_use_block(call_id: str, name: str, arguments: str) -> dict[str, Any]:
-    return {"type": "tool_use", "id": call_id, "name": name, "input": json.loads(arguments)}
+    """A call as a tool_use block; a call cut short by max_tokens (arguments that are not a
+    JSON object yet) comes back as the text it has."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        return {"type": "text", "text": arguments}
+    return {"type": "tool_use", "id": call_id, "name": name, "input": value}

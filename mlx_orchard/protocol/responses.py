@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, 
 
 from mlx_orchard.errors import InvalidRequestError
 from mlx_orchard.protocol.common import ModelRequest, OpenAIResponse
-from mlx_orchard.protocol.tools import FUNCTION_NAME, MAX_TOOLS, check_schema, tool_request
+from mlx_orchard.protocol.tools import FUNCTION_NAME, MAX_TOOLS, check_schema, function_spec, template_arguments, tool_request
 from mlx_orchard.wire import ToolRequest
 
 _MAX_ITEMS = 8192
@@ -107,10 +107,7 @@ class FunctionTool(BaseModel):
         return check_schema(v)
 
     def spec(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "parameters": self.parameters or {"type": "object", "properties": {}}}
-        if self.description:
-            out["description"] = self.description
-        return out
+        return function_spec(self.name, self.description, self.parameters)
 
 
 class NamedFunction(BaseModel):
@@ -212,7 +209,7 @@ class ResponsesRequest(ModelRequest):
                 role = "system" if item.role == "developer" else item.role
                 messages.append({"role": role, "content": item.text()})
             elif isinstance(item, FunctionCallItem):
-                call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": _arguments(item.arguments)}}
+                call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": template_arguments(item.arguments)}}
                 last = messages[-1] if messages else None
                 if last is not None and last["role"] == "assistant":
                     last.setdefault("tool_calls", []).append(call)
@@ -222,14 +219,6 @@ class ResponsesRequest(ModelRequest):
                 messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
             # reasoning items: earlier turns' reasoning is not shown to the model again
         return messages
-
-
-def _arguments(text: str) -> Any:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return text
-    return value if isinstance(value, dict) else text
 
 
 # ---- response ----

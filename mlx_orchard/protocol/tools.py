@@ -45,10 +45,7 @@ class FunctionDefinition(BaseModel):
         return check_schema(v)
 
     def spec(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "parameters": self.parameters or {"type": "object", "properties": {}}}
-        if self.description:
-            out["description"] = self.description
-        return out
+        return function_spec(self.name, self.description, self.parameters)
 
 
 class ChatTool(BaseModel):
@@ -63,6 +60,23 @@ class FunctionName(BaseModel):
 class NamedToolChoice(BaseModel):
     type: Literal["function"]
     function: FunctionName
+
+
+def function_spec(name: str, description: str | None, parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """A function as the replica takes it (and chat templates render it), from any API's shape."""
+    out: dict[str, Any] = {"name": name, "parameters": parameters or {"type": "object", "properties": {}}}
+    if description:
+        out["description"] = description
+    return out
+
+
+def template_arguments(text: str) -> Any:
+    """A call's arguments as chat templates expect them: a mapping (most render it with tojson)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 def tool_request(functions: list[dict[str, Any]] | None, choice: str | None, parallel: bool | None) -> ToolRequest | None:
