@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -129,6 +130,40 @@ async def with_deadline(events: AsyncIterator[bytes], deadline: float) -> AsyncI
             yield event
     finally:
         close = getattr(inner, "aclose", None)  # a generator: closing it cancels the work behind it
+        if close is not None:
+            await close()
+
+
+SSE_KEEPALIVE = b": keep-alive\n\n"
+
+
+async def with_keepalive(events: AsyncIterator[bytes], interval_s: float) -> AsyncIterator[bytes]:
+    """An event stream that sends an SSE comment whenever ``interval_s`` passes without an
+    event (a long prefill, a queue): clients and proxies that time out idle connections keep
+    it, and every SSE parser skips comments. Leaving it closes the inner stream."""
+    inner = events.__aiter__()
+    pending: asyncio.Future | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(inner))
+            done, _ = await asyncio.wait({pending}, timeout=interval_s)
+            if not done:
+                yield SSE_KEEPALIVE
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                pending = None
+                return
+            pending = None
+            yield event
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        close = getattr(inner, "aclose", None)
         if close is not None:
             await close()
 

@@ -22,6 +22,7 @@ from deployments.http import (
     error_payload,
     error_response,
     with_deadline,
+    with_keepalive,
 )
 from deployments.routers.models import router as models_router
 from deployments.routers.transcription import FORM_SLACK
@@ -79,6 +80,22 @@ class Ingress:
             )
         return route, self.model_handle(route)
 
+    def priority(self, request: Request, requested: int | None) -> int:
+        """An LLM request's scheduling priority: its own field, else the ``x-priority`` header,
+        else the path's configured default, else 0 (lower runs first)."""
+        if requested is not None:
+            return requested
+        header = request.headers.get("x-priority")
+        if header is not None:
+            try:
+                value = int(header)
+            except ValueError:
+                value = None
+            if value is None or not -1000 <= value <= 1000:
+                raise InvalidRequestError("x-priority must be an integer between -1000 and 1000", param="x-priority")
+            return value
+        return self.options.default_priority.get(request.url.path.removeprefix(request.scope.get("root_path", "")), 0)
+
     def model_handle(self, route: Route) -> DeploymentHandle:
         key = (route.deployment, route.name)
         handle = self._model_handles.get(key)
@@ -103,7 +120,10 @@ class Ingress:
             status, body = error_payload(e)
             return JSONResponse(body, status_code=status, headers={"Retry-After": "1"})
         if isinstance(response, StreamingResponse):
-            response.body_iterator = with_deadline(response.body_iterator, deadline)
+            body = response.body_iterator
+            if response.media_type == "text/event-stream" and self.options.sse_keepalive_s:
+                body = with_keepalive(body, self.options.sse_keepalive_s)  # type: ignore[arg-type]
+            response.body_iterator = with_deadline(body, deadline)  # type: ignore[arg-type]
         return response
 
     async def model_list(self) -> ModelList:

@@ -197,6 +197,7 @@ class LLMModel:
         arrived_at: float | None = None,
         tools: ToolRequest | None = None,
         template_kwargs: dict[str, Any] | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[Accepted | ChoiceChunk]:
         """Yields ``Accepted`` once the prompt passed its checks and joined the batch (so
         callers can answer 4xx/503 before committing to a 200), then the chunks of its
@@ -226,7 +227,7 @@ class LLMModel:
         else:
             ids = list(prompt or [])
         waited = time.time() - arrived_at if arrived_at is not None else 0.0
-        chunks = self.engine.generate(ids, params.with_defaults(**self.sampling), n=n, waited_s=waited)
+        chunks = self.engine.generate(ids, params.with_defaults(**self.sampling), n=n, waited_s=waited, priority=priority)
         # Accepted once the sequences are in the batch: a request shed from the queue still
         # gets a 503 status rather than an error event inside a 200 stream.
         await chunks.admitted()

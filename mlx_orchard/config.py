@@ -253,6 +253,13 @@ class IngressOptions(Strict):
     max_upload_mb: float = Field(25.0, gt=0, description="largest audio upload; bigger gets 413")
     max_body_mb: float = Field(16.0, gt=0, description="largest JSON request body; bigger gets 413")
     request_timeout_s: float = Field(600.0, gt=0, description="a request still unanswered after this gets 504")
+    sse_keepalive_s: float = Field(
+        15.0, ge=0, description="an SSE comment after this long without an event (a long prefill); 0: never"
+    )
+    default_priority: dict[str, int] = Field(
+        {}, description="LLM scheduling priority by path when a request names none (lower runs first, default 0), "
+        "e.g. {'/v1/messages': 10} to put agents behind interactive chat"
+    )
     responses_store_size: int = Field(
         1000, ge=0, description="Responses API: stored responses (previous_response_id), least recently used out; per ingress replica"
     )

@@ -6,7 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
@@ -55,12 +55,12 @@ def router(ingress: Ingress) -> APIRouter:
         return clients[key]
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
-        return await ingress.bounded(chat(req, await client(req.model)))
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        return await ingress.bounded(chat(req, await client(req.model), ingress.priority(request, req.priority)))
 
     @api.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        return await ingress.bounded(text_completions(req, await client(req.model)))
+    async def completions(req: CompletionRequest, request: Request):
+        return await ingress.bounded(text_completions(req, await client(req.model), ingress.priority(request, req.priority)))
 
     # The Responses API and Anthropic Messages: other shapes over the same LLM client.
     api.include_router(responses.router(ingress, client))
@@ -68,9 +68,10 @@ def router(ingress: Ingress) -> APIRouter:
     return api
 
 
-async def chat(req: ChatCompletionRequest, client: LLMClient):
+async def chat(req: ChatCompletionRequest, client: LLMClient, priority: int = 0):
     generation = await client.start(
         req.sampling_params(),
+        priority=priority,
         n=req.n,
         stream=req.stream,
         keep_alive_s=req.keep_alive_s(),
@@ -134,8 +135,8 @@ async def chat(req: ChatCompletionRequest, client: LLMClient):
     return _sse(events(), generations)
 
 
-async def text_completions(req: CompletionRequest, client: LLMClient):
-    prompts = [{"prompt": p, "echo": req.echo, "keep_alive_s": req.keep_alive_s()} for p in req.prompts()]
+async def text_completions(req: CompletionRequest, client: LLMClient, priority: int = 0):
+    prompts = [{"prompt": p, "echo": req.echo, "keep_alive_s": req.keep_alive_s(), "priority": priority} for p in req.prompts()]
     generations = await llm_client.start_all(client, req.sampling_params(), prompts, n=req.n, stream=req.stream)
     if not req.stream:
         finals = await llm_client.finals(generations)

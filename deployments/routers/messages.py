@@ -11,7 +11,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from deployments import llm_client
@@ -30,15 +30,16 @@ def router(ingress: Ingress, client_for: Callable[[str], Awaitable[LLMClient]]) 
     api = APIRouter()
 
     @api.post("/v1/messages")
-    async def messages(req: MessagesRequest):
-        return await ingress.bounded(respond(req, await client_for(req.model)))
+    async def messages(req: MessagesRequest, request: Request):
+        return await ingress.bounded(respond(req, await client_for(req.model), ingress.priority(request, req.priority)))
 
     return api
 
 
-async def respond(req: MessagesRequest, client: LLMClient):
+async def respond(req: MessagesRequest, client: LLMClient, priority: int = 0):
     generation = await client.start(
         req.sampling_params(),
+        priority=priority,
         stream=req.stream,
         keep_alive_s=req.keep_alive_s(),
         messages=req.template_messages(),

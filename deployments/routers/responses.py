@@ -11,7 +11,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from deployments import llm_client
@@ -51,8 +51,8 @@ def router(ingress: Ingress, client_for: Callable[[str], Awaitable[LLMClient]]) 
     store = ResponseStore(ingress.options.responses_store_size, int(ingress.options.responses_store_mb * 1e6))
 
     @api.post("/v1/responses")
-    async def create(req: ResponsesRequest):
-        return await ingress.bounded(respond(req, await client_for(req.model), store))
+    async def create(req: ResponsesRequest, request: Request):
+        return await ingress.bounded(respond(req, await client_for(req.model), store, ingress.priority(request, req.priority)))
 
     @api.get("/v1/responses/{response_id}")
     async def retrieve(response_id: str):
@@ -82,7 +82,7 @@ def _params(req: ResponsesRequest) -> SamplingParams:
     )
 
 
-async def respond(req: ResponsesRequest, client: LLMClient, store: ResponseStore):
+async def respond(req: ResponsesRequest, client: LLMClient, store: ResponseStore, priority: int = 0):
     history: list[dict[str, Any]] = []
     if req.previous_response_id:
         previous = store.get(req.previous_response_id)
@@ -98,6 +98,7 @@ async def respond(req: ResponsesRequest, client: LLMClient, store: ResponseStore
     template_kwargs = {"reasoning_effort": req.reasoning.effort} if req.reasoning and req.reasoning.effort else {}
     generation = await client.start(
         _params(req),
+        priority=priority,
         stream=req.stream,
         keep_alive_s=req.keep_alive_s(),
         messages=system + conversation,

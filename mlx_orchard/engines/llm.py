@@ -20,6 +20,7 @@ Hardening, since MLX checks no bounds and one replica serves everyone:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import queue
@@ -92,6 +93,7 @@ class EngineStats:
     kv_budget_bytes: int | None = None
     prefix_cache_bytes: int = 0
     prefilled_tokens: int = 0  # prompt tokens run through the model (cache hits excluded)
+    preempted: int = 0  # sequences paused for a more urgent one (they resume later)
 
 
 class _Mailbox:
@@ -142,6 +144,8 @@ class _Sequence:
     done: bool = False
     queued_at: float = 0.0
     admitted: bool = False  # has joined the batch once (told to the caller)
+    priority: int = 0  # lower runs first (vLLM's convention)
+    order: int = 0  # arrival, for first come first served within a priority
 
     def emit(self, item: object) -> bool:
         """Hand an item to the caller's loop; False when that loop is gone (caller left)."""
@@ -197,10 +201,13 @@ class LLMEngine:
         self._waiting = 0
         self._reserved = 0  # KV bytes reserved by running sequences
         self._steps = 0
+        self._arrivals = itertools.count()
+        self._preempted = 0  # sequences paused for a more urgent one
         self._failed_steps = 0
         self._prefilled = 0
         self._generated = 0
         self._fatal: BaseException | None = None
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Sequence, GenerationChunk]]] = {}
         self._grammars: Grammars | None = None
         self._grammars_lock = threading.Lock()
         self._stopping = False
@@ -370,7 +377,7 @@ class LLMEngine:
     # ---- the asyncio side ----
 
     def generate(
-        self, prompt: Sequence[int], params: SamplingParams, n: int = 1, *, waited_s: float = 0.0
+        self, prompt: Sequence[int], params: SamplingParams, n: int = 1, *, waited_s: float = 0.0, priority: int = 0
     ) -> GenerationStream:
         """Check the request now (raising before anything is queued) and queue it. The
         returned stream says when the request joins the batch (``admitted()``) and then
@@ -379,7 +386,9 @@ class LLMEngine:
         The n choices share one prefill: choice 0 prefills the prompt, the others start
         from a copy of its KV cache. With a seed, choice i samples with seed + i.
         ``waited_s``: how long the request already queued before it reached the engine (in
-        Serve's queues); it counts towards ``max_queue_wait_s``."""
+        Serve's queues); it counts towards ``max_queue_wait_s``. ``priority``: lower is
+        admitted first, and may pause a running sequence of a higher value when the batch
+        is full (it resumes later from the prefix cache)."""
         if not self.is_alive():
             raise ServiceUnavailableError("the generation loop is not running")
         if not 1 <= n <= self.max_batch_size:
@@ -401,6 +410,8 @@ class LLMEngine:
                 queued_at=now,
                 index=i,
                 admitted=i > 0,  # the request is admitted with its first choice
+                priority=priority,
+                order=next(self._arrivals),
             )
             for i in range(n)
         ]
@@ -430,6 +441,7 @@ class LLMEngine:
             kv_budget_bytes=self.kv_budget,
             prefix_cache_bytes=self._prefix_cache.nbytes if self._prefix_cache is not None else 0,
             prefilled_tokens=self._prefilled,
+            preempted=self._preempted,
         )
 
     def is_alive(self) -> bool:
@@ -469,7 +481,10 @@ class LLMEngine:
     def _iterate(self) -> None:
         self._take_commands(block=not self._running and not self._pending)
         with self._mlx_lock:
-            self._work()
+            try:
+                self._work()
+            finally:
+                self._deliver()  # the tokens of a step that then failed still reach their callers
 
     def _work(self) -> None:
         self._admit_pending()
@@ -487,6 +502,7 @@ class LLMEngine:
             self._on_token(seq, r.token, r.finish_reason, r.logprobs)
             if r.finish_reason and self._prefix_cache is not None:
                 self._remember(r.all_tokens or [], r.prompt_cache or [])
+        self._deliver()  # a sequence's tokens before its failure, if its sampler fails below
         self._fail_poisoned()
 
     def _spawn_followers(self, leader: _Sequence, response: StepToken) -> None:
@@ -553,7 +569,7 @@ class LLMEngine:
                 break
             if kind == "add":
                 self._waiting -= 1
-                self._pending.append(seq)
+                self._enqueue(seq)
             elif kind == "cancel":
                 self._drop(seq)
             elif kind == "ping":
@@ -578,10 +594,9 @@ class LLMEngine:
         if self.max_queue_wait_s is None or not self._pending:
             return
         limit = time.monotonic() - self.max_queue_wait_s
-        while self._pending and not self._pending[0].admitted and self._pending[0].queued_at < limit:
-            self._finish_with_error(
-                self._pending[0], OverloadedError("The model is at capacity; retry shortly.")
-            )
+        # Behind more urgent work a sequence may wait anywhere in the queue, not only at its head.
+        for seq in [s for s in self._pending if not s.admitted and s.queued_at < limit]:
+            self._finish_with_error(seq, OverloadedError("The model is at capacity; retry shortly."))
 
     def _admit_pending(self) -> None:
         """Admit waiting sequences once the previous group has its first tokens.
@@ -593,6 +608,9 @@ class LLMEngine:
         """
         if not self._pending or any(s.prefilling for s in self._running.values()):
             return
+        head = self._pending[0]
+        while (len(self._running) >= self.max_batch_size or not self._fits(head)) and self._preempt_for(head):
+            pass
         room = min(self.prefill_batch_size, self.max_batch_size - len(self._running))
         group: list[_Sequence] = []
         reserved = self._reserved
@@ -604,6 +622,41 @@ class LLMEngine:
             reserved += seq.reserve
         if group:
             self._admit(group)
+
+    def _fits(self, seq: _Sequence) -> bool:
+        return self.kv_budget is None or not self._running or self._reserved + seq.reserve <= self.kv_budget
+
+    def _enqueue(self, seq: _Sequence) -> None:
+        """Into the waiting queue by (priority, arrival)."""
+        at = len(self._pending)
+        for i, other in enumerate(self._pending):
+            if (other.priority, other.order) > (seq.priority, seq.order):
+                at = i
+                break
+        self._pending.insert(at, seq)
+
+    def _preempt_for(self, seq: _Sequence) -> bool:
+        """Pause the least urgent running sequence (latest arrival first) that is less urgent
+        than ``seq``: its KV goes to the prefix cache and it waits in the queue, to resume
+        where it stopped. False when none is less urgent."""
+        victims = [s for s in self._running.values() if s.priority > seq.priority]
+        if not victims:
+            return False
+        victim = max(victims, key=lambda s: (s.priority, s.order))
+        assert victim.uid is not None
+        if self._prefix_cache is not None:
+            try:
+                cache, held = self._generator.extract_cache(victim.uid)
+                self._remember(held, cache)
+            except Exception:  # noqa: BLE001 - it then re-prefills what it has when it resumes
+                logger.exception("could not keep a paused sequence's KV")
+        self._generator.remove([victim.uid])
+        del self._running[victim.uid]
+        self._reserved -= victim.reserve
+        victim.uid, victim.prefilling = None, False
+        self._preempted += 1
+        self._enqueue(victim)
+        return True
 
     def _cached_prefix(self, tokens: list[int]) -> tuple[list | None, list[int]]:
         """A copy of the longest cached KV prefix of ``tokens``, and the tokens still to prefill."""
@@ -710,8 +763,19 @@ class LLMEngine:
             logprobs=None if seq.params.logprobs is None or logprobs is None else [self._logprob(token, logprobs, seq.params.logprobs)],
             stop_sequence=seq.stops.matched,
         )
-        if not seq.emit(chunk) and not seq.done:  # the caller's loop is gone: stop its work
-            self._drop(seq)
+        self._outbox.setdefault(seq.loop, []).append((seq, chunk))
+
+    def _deliver(self) -> None:
+        """A step's chunks, handed to each caller loop in one call (not one per sequence:
+        each hand-off costs the loop thread a wake-up and both threads the GIL)."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver_all, [(seq.out, chunk) for seq, chunk in items])
+            except RuntimeError:  # the callers' loop is gone: stop their work
+                for seq, _ in items:
+                    if not seq.done:
+                        self._drop(seq)
 
     def _logprob(self, token: int, row: mx.array, top: int) -> TokenLogprob:
         """The chosen token's log probability (after the request's own logits processors:
@@ -738,6 +802,11 @@ class LLMEngine:
     def _finish_with_error(self, seq: _Sequence, error: BaseException) -> None:
         self._drop(seq)
         seq.emit(error)
+
+
+def _deliver_all(items: list[tuple[_Mailbox, GenerationChunk]]) -> None:
+    for out, chunk in items:
+        out.put(chunk)
 
 
 def _guarded_sampler(seq: _Sequence, sampler: Callable) -> Callable:

@@ -119,6 +119,7 @@ class MessagesRequest(ModelRequest):
     tool_choice: ToolChoice | None = None
     thinking: ThinkingConfig | None = None
     metadata: dict[str, Any] | None = None
+    priority: int | None = Field(None, ge=-1000, le=1000, description="scheduling: lower runs first (vLLM's convention)")
 
     @field_validator("stop_sequences")
     @classmethod

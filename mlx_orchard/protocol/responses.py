@@ -171,6 +171,7 @@ class ResponsesRequest(ModelRequest):
     metadata: dict[str, str] | None = Field(None, max_length=16)
     user: str | None = Field(None, max_length=512)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    priority: int | None = Field(None, ge=-1000, le=1000, description="scheduling: lower runs first (vLLM's convention)")
     stop: str | list[str] | None = None  # an extension (the Responses API has none)
 
     @field_validator("input")

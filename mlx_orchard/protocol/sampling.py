@@ -62,6 +62,7 @@ class SamplingRequest(ModelRequest):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    priority: int | None = Field(None, ge=-1000, le=1000, description="scheduling: lower runs first (vLLM's convention)")
     # Structured output, enforced while decoding: text, json_object or json_schema.
     response_format: ResponseFormat | None = None
 

@@ -36,3 +36,16 @@ def test_emoji_spanning_several_tokens_arrives_whole(tokenizer):
     deltas = [detok.add(t) for t in ids]
     assert deltas[:-1] == [""] * (len(ids) - 1)
     assert deltas[-1] == "🍎"
+
+
+@pytest.mark.parametrize("rust", [True, False], ids=["decode-stream", "python-window"])
+def test_both_paths_give_the_same_deltas(tokenizer, rust):
+    class PythonOnly:  # the same tokenizer without its Rust backend: the Python window path
+        decode = tokenizer.decode
+
+    ids = tokenizer.encode(" ".join(TEXTS) + " 🍎")
+    detok = IncrementalDetokenizer(tokenizer if rust else PythonOnly())
+    assert (detok._stream is not None) == rust
+    deltas = [detok.add(t) for t in ids] + [detok.flush()]
+    assert "".join(deltas) == tokenizer.decode(ids)
+    assert not any("\ufffd" in d for d in deltas)
