@@ -36,17 +36,18 @@ def first_entry(config_path: Path, family: str) -> dict:
 
 
 def family_server(
-    config_path: Path, family: str, port: int, workdir: Path, *, batching: dict | None = None, tag: str = ""
+    config_path: Path, family: str, port: int, workdir: Path, *, batching: dict | None = None, tag: str = "",
+    keep: int = 1,
 ) -> Server:
-    """``serve run`` of a copy of the config with only the first ``family`` model (other
-    families' replicas would load and sit on the same cores), ``batching`` merged into it."""
+    """``serve run`` of a copy of the config with only the first ``keep`` ``family`` models
+    (other families' replicas would load and sit on the same cores), ``batching`` merged into it."""
     config = yaml.safe_load(config_path.read_text())
     config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": port}
     for app in config["applications"]:
         args = app["args"]
         for key in FAMILIES:
             if key in args:
-                args[key] = args[key][:1] if key == family else []
+                args[key] = args[key][:keep] if key == family else []
         args["pools"] = {k: v for k, v in (args.get("pools") or {}).items() if k == family}
         if batching:  # the family pool's live batching knobs
             pool = args["pools"].setdefault(family, {})

@@ -20,6 +20,7 @@ from mlx_orchard.config import LLMEntry
 from mlx_orchard.engines.fair_lock import FairLock
 from mlx_orchard.engines.llm import EngineStats, GenerationChunk, LLMEngine
 from mlx_orchard.families import PoolSpec
+from mlx_orchard.models.cache import cache_root
 from mlx_orchard.models.registry import resolve_llm
 from mlx_orchard.parsers.model_output import ModelOutput
 from mlx_orchard.parsers.output import HarmonyParser, OutputParser, Piece
@@ -161,6 +162,8 @@ class LLMModel:
             context_length=entry.context_length,
             max_tokens_limit=entry.max_tokens_limit,
             chat_template=_template(entry.chat_template),
+            prefix_cache_dir=entry.prefix_cache_dir or str(cache_root() / "prefix-cache" / entry.name),
+            prefix_cache_disk_bytes=int(entry.prefix_cache_disk_gb * _GB),
         )
         engine = self.engine
         self.output = ModelOutput(

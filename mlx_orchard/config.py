@@ -123,6 +123,11 @@ class LLMEntry(ModelEntry):
     )
     prefix_cache_size: int = Field(16, ge=0, description="finished sequences whose KV cache is kept for reuse")
     prefix_cache_gb: float = Field(1.0, gt=0, description="bytes the prefix cache may hold, in GB")
+    prefix_cache_disk_gb: float = Field(
+        0.0, ge=0, description="the prefix cache's disk tier, in GB (0: off); survives restarts; "
+        "under $ORCHARD_CACHE/prefix-cache/<model> unless prefix_cache_dir says"
+    )
+    prefix_cache_dir: str | None = Field(None, description="where the disk tier lives")
     kv_cache_gb: float | Literal["auto"] = Field(
         "auto",
         description="KV-cache memory the running sequences may grow to; a sequence is admitted only when "

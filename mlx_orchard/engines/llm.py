@@ -20,6 +20,7 @@ Hardening, since MLX checks no bounds and one replica serves everyone:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import math
@@ -45,6 +46,7 @@ from mlx_lm.models.cache import (
 from mlx_orchard.engines.batch_backend import BatchBackend, MlxLmBatch, StepToken
 from mlx_orchard.engines.constrained import Grammars
 from mlx_orchard.engines.detokenize import IncrementalDetokenizer
+from mlx_orchard.engines.prefix_disk import DiskPrefixCache
 from mlx_orchard.engines.sampling import (
     SamplingParams,
     build_logits_processors,
@@ -92,6 +94,8 @@ class EngineStats:
     kv_reserved_bytes: int = 0  # what the running sequences may grow to
     kv_budget_bytes: int | None = None
     prefix_cache_bytes: int = 0
+    prefix_cache_disk_bytes: int = 0
+    prefix_cache_disk_hits: int = 0
     prefilled_tokens: int = 0  # prompt tokens run through the model (cache hits excluded)
     preempted: int = 0  # sequences paused for a more urgent one (they resume later)
 
@@ -175,6 +179,8 @@ class LLMEngine:
         max_tokens_limit: int | None = None,
         chat_template: str | None = None,
         keep_special_tokens: bool = False,
+        prefix_cache_dir: str | Path | None = None,
+        prefix_cache_disk_bytes: int = 0,
     ):
         self.model_path = str(model_path)
         self._context_override = context_length  # the config's word over the model's own
@@ -192,6 +198,9 @@ class LLMEngine:
         self.default_max_tokens = default_max_tokens
         self.prefix_cache_size = prefix_cache_size
         self.prefix_cache_bytes = prefix_cache_bytes
+        self.prefix_cache_dir = prefix_cache_dir  # the disk tier (off without a dir and bytes)
+        self.prefix_cache_disk_bytes = prefix_cache_disk_bytes
+        self._disk: DiskPrefixCache | None = None
         self.max_waiting = max_waiting
         self.max_queue_wait_s = max_queue_wait_s
         self.kv_budget = kv_cache_bytes
@@ -249,6 +258,21 @@ class LLMEngine:
             if self.prefix_cache_size
             else None
         )
+        if self._prefix_cache is not None and self.prefix_cache_dir and self.prefix_cache_disk_bytes:
+            try:
+                self._disk = DiskPrefixCache(Path(self.prefix_cache_dir) / self._model_identity(), self.prefix_cache_disk_bytes)
+            except OSError:
+                logger.exception("the prefix cache's disk tier is off: its directory is not usable")
+
+    def _model_identity(self) -> str:
+        """A key for this model's weights (path, config, weight file sizes and times), so a
+        disk tier never hands one model's KV to another under the same name."""
+        root = Path(self.model_path)
+        h = hashlib.sha256(str(root.resolve()).encode())
+        for f in sorted(root.glob("*.json")) + sorted(root.glob("*.safetensors")):
+            stat = f.stat()
+            h.update(f"{f.name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+        return h.hexdigest()[:16]
 
     def grammars(self) -> Grammars:
         """Structured output's view of this model's tokenizer, built on first use."""
@@ -440,6 +464,8 @@ class LLMEngine:
             kv_reserved_bytes=self._reserved,
             kv_budget_bytes=self.kv_budget,
             prefix_cache_bytes=self._prefix_cache.nbytes if self._prefix_cache is not None else 0,
+            prefix_cache_disk_bytes=self._disk.nbytes if self._disk is not None else 0,
+            prefix_cache_disk_hits=self._disk.hits if self._disk is not None else 0,
             prefilled_tokens=self._prefilled,
             preempted=self._preempted,
         )
@@ -536,6 +562,8 @@ class LLMEngine:
         except Exception:  # noqa: BLE001 - a cache that cannot take an entry serves without it
             logger.exception("prefix cache insert failed; clearing the cache")
             self._prefix_cache = LRUPromptCache(max_size=self.prefix_cache_size, max_bytes=self.prefix_cache_bytes)
+        if self._disk is not None:
+            self._disk.put(tokens, cache)
 
     def _recover(self, error: BaseException) -> None:
         """A step (or the bookkeeping around it) failed: start a fresh generator and re-admit
@@ -666,7 +694,13 @@ class LLMEngine:
             cache, rest = self._prefix_cache.fetch_nearest_cache(_MODEL_KEY, tokens)
         except Exception:  # noqa: BLE001 - a lookup that fails is a miss
             logger.exception("prefix cache lookup failed")
-            return None, tokens
+            cache, rest = None, tokens
+        if self._disk is not None:  # the disk tier, when it holds a longer prefix than memory
+            held, key = self._disk.longest(tokens)
+            if key is not None and held > len(tokens) - len(rest if cache is not None else tokens):
+                loaded = self._disk.load(key, held)
+                if loaded is not None:
+                    cache, rest = loaded, tokens[held:]
         if cache is not None and not rest:  # exact hit: re-run the last token for its logits
             trim_prompt_cache(cache, 1)
             rest = tokens[-1:]

@@ -1,0 +1,159 @@
+"""Engine depth (issue #11), side by side in one run:
+
+    python -m bench.engine_depth [--rounds 3]
+
+On the default LLM, served twice in one pool (``cached``: prefix cache on; ``nocache``:
+off), ``max_batch_size`` 16:
+
+- **agent loop**: a five-turn tool-using conversation (forced call, tool result, answer per
+  turn), streamed; TTFT of each model call, turn 5's answer vs turn 1's, cache on and off.
+- **priority**: 16 background streams (256 tokens) fill the batch; an interactive request
+  (8 tokens) every 0.5 s; its TTFT p50 when everything has priority 0, when the background
+  has priority 10, and on an idle server.
+
+Writes bench/results/engine-depth-<date>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import yaml
+
+from bench.compare_llm import ROOT, _git_commit, log
+from bench.family_server import family_server, write_report
+from bench.prompts import tagged
+from bench.servers import free_port
+from bench.tool_calls import TOOL
+
+CITIES = ["Paris", "Oslo", "Rome", "Lima", "Cairo"]
+
+
+async def ttft(client: httpx.AsyncClient, base: str, body: dict) -> tuple[float, dict]:
+    """Seconds to the first delta with content or a tool call, and the assembled message."""
+    t0, first = time.perf_counter(), None
+    message: dict = {"role": "assistant", "content": ""}
+    calls: dict[int, dict] = {}
+    async with client.stream("POST", f"{base}/chat/completions", json={**body, "stream": True}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choices = json.loads(line[6:])["choices"]
+            delta = choices[0]["delta"] if choices else {}
+            if first is None and (delta.get("content") or delta.get("tool_calls")):
+                first = time.perf_counter() - t0
+            message["content"] += delta.get("content") or ""
+            for d in delta.get("tool_calls") or []:
+                call = calls.setdefault(d["index"], {"id": d.get("id"), "type": "function", "function": {"name": "", "arguments": ""}})
+                call["function"]["name"] += d.get("function", {}).get("name") or ""
+                call["function"]["arguments"] += d.get("function", {}).get("arguments") or ""
+    if calls:
+        message["tool_calls"] = list(calls.values())
+    return first if first is not None else time.perf_counter() - t0, message
+
+
+async def agent_loop(base: str, model: str, tag: str) -> list[float]:
+    messages: list[dict] = [{"role": "system", "content": f"{tag} You are a weather assistant. Use the tool."}]
+    out = []
+    async with httpx.AsyncClient(timeout=300) as client:
+        for city in CITIES:
+            messages.append({"role": "user", "content": f"What is the weather in {city}?"})
+            t, message = await ttft(client, base, {"model": model, "messages": messages, "tools": [TOOL], "tool_choice": "required",
+                                                   "parallel_tool_calls": False, "max_tokens": 40, "temperature": 0})
+            messages.append(message)
+            call_id = message["tool_calls"][0]["id"]
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": json.dumps({"temperature": 20})})
+            t2, answer = await ttft(client, base, {"model": model, "messages": messages, "tools": [TOOL], "max_tokens": 12,
+                                                   "temperature": 0})
+            messages.append({"role": "assistant", "content": answer["content"]})
+            out.append(t2)  # the answer turn: its prompt holds everything so far
+            del t
+    return out
+
+
+async def priority_run(base: str, model: str, background: int, background_priority: int, interactive: int) -> list[float]:
+    """TTFT of ``interactive`` requests (priority 0) while ``background`` streams run."""
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+        stop = asyncio.Event()
+
+        async def stream() -> None:
+            while not stop.is_set():
+                await ttft(client, base, {"model": model, "max_tokens": 256, "temperature": 0, "priority": background_priority,
+                                          "messages": [{"role": "user", "content": tagged("Write a long story about the sea.")}]})
+
+        tasks = [asyncio.create_task(stream()) for _ in range(background)]
+        await asyncio.sleep(3.0 if tasks else 0)
+        times = []
+        for _ in range(interactive):
+            t, _ = await ttft(client, base, {"model": model, "max_tokens": 8, "temperature": 0, "priority": 0,
+                                             "messages": [{"role": "user", "content": tagged("Say hello.")}]})
+            times.append(t)
+            await asyncio.sleep(0.5)
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--interactive", type=int, default=8, help="interactive requests per priority scenario and round")
+    args = ap.parse_args()
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    llm = config["applications"][0]["args"]["llm"][0]
+    base_entry = {**llm, "max_batch_size": 16, "prefill_batch_size": 8}
+    config["applications"][0]["args"]["llm"] = [{**base_entry, "name": "cached"},
+                                                {**base_entry, "name": "nocache", "prefix_cache_size": 0, "aliases": []}]
+    agent: dict[str, list[list[float]]] = {"cached": [], "nocache": []}
+    prio: dict[str, list[float]] = {"idle": [], "no priorities": [], "background priority 10": []}
+    with tempfile.TemporaryDirectory(prefix="orchard-depth-") as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        port = free_port()
+        server = family_server(path, "llm", port, Path(tmp), tag="-depth", keep=2)
+        base = f"http://127.0.0.1:{port}/v1"
+        with server:
+            log(f"ready in {server.wait_ready(base, 'cached'):.0f}s")
+            asyncio.run(agent_loop(base, "cached", "warm-up"))
+            for i in range(args.rounds):
+                for model in (["cached", "nocache"] if i % 2 == 0 else ["nocache", "cached"]):
+                    agent[model].append(asyncio.run(agent_loop(base, model, f"Session {i}.")))
+                prio["idle"] += asyncio.run(priority_run(base, "cached", 0, 0, args.interactive))
+                prio["no priorities"] += asyncio.run(priority_run(base, "cached", 16, 0, args.interactive))
+                prio["background priority 10"] += asyncio.run(priority_run(base, "cached", 16, 10, args.interactive))
+                log(f"round {i} done")
+    lines = [f"# Engine depth — {datetime.now():%Y-%m-%d %H:%M}", "",
+             f"Commit {_git_commit()}; {args.rounds} rounds; load average {os.getloadavg()[0]:.2f}.", "",
+             "## Agent loop: TTFT of each turn's answer (ms, median over rounds)", "",
+             "| prefix cache | " + " | ".join(f"turn {i + 1}" for i in range(len(CITIES))) + " | turn 5 / turn 1 |",
+             "|---|" + "---:|" * (len(CITIES) + 1)]
+    summary: dict = {}
+    for model, runs in agent.items():
+        per_turn = [statistics.median(run[t] for run in runs) for t in range(len(CITIES))]
+        summary[model] = per_turn
+        lines.append(f"| {model} | " + " | ".join(f"{x * 1e3:.0f}" for x in per_turn) + f" | {per_turn[-1] / per_turn[0]:.2f} |")
+    lines += ["", "## Interactive TTFT under 16 background streams (batch of 16)", "",
+              "| scenario | TTFT p50 ms | p90 ms |", "|---|---:|---:|"]
+    for name, times in prio.items():
+        q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+        summary[name] = {"p50": statistics.median(times), "p90": q[8]}
+        lines.append(f"| {name} | {statistics.median(times) * 1e3:.0f} | {q[8] * 1e3:.0f} |")
+    text = "\n".join(lines) + "\n"
+    write_report("engine-depth", text, {"agent": agent, "priority": prio, "summary": summary})
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
