@@ -11,6 +11,7 @@ nothing.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -20,6 +21,8 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_orchard.errors import InvalidRequestError
+
+logger = logging.getLogger("orchard.llm")
 
 _GRAMMAR_CACHE = 64  # compiled grammars kept per engine, by schema text
 _PARAM = {"json": "response_format", "lark": "tools"}
@@ -35,6 +38,7 @@ class Grammars:
 
         self._ll = llguidance
         self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
         self.tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size, eos_token=list(eos_token_ids))
         self._cache: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._lock = threading.Lock()  # checked on the tokenizer thread, used on the engine thread
@@ -83,16 +87,28 @@ class Grammars:
         words = (self.vocab_size + 31) // 32
         bitmask = np.zeros((1, words), dtype=np.int32)
         consumed = [0]  # generated tokens the matcher has seen
+        stopped = [False]
+        eos = np.zeros(self.vocab_size, dtype=bool)
+        eos[[t for t in self.eos_token_ids if 0 <= t < self.vocab_size]] = True
 
         def constrain(context: mx.array, logits: mx.array) -> mx.array:
             generated: list[int] = context[prompt_len + consumed[0] :].tolist()  # type: ignore[assignment]  # waits for the last sampled token
             for token in generated:
                 if not matcher.consume_token(token):
-                    raise RuntimeError(f"the grammar refused token {token}: {matcher.get_error()}")
+                    break
             consumed[0] += len(generated)
-            fill_next_token_bitmask(matcher, bitmask, 0)
-            if matcher.is_error():  # a limit of llguidance's (lexer fuel, items) ran out: fail this sequence
-                raise RuntimeError(f"the grammar cannot go on: {matcher.get_error()}")
+            if not matcher.is_error():
+                fill_next_token_bitmask(matcher, bitmask, 0)
+            if matcher.is_error():
+                # One of llguidance's limits ran out (ParserTooComplex: lexer fuel, Earley items)
+                # on an answer the grammar itself allowed: the answer ends here, as if cut at
+                # max_tokens, rather than failing the request.
+                if not stopped[0]:
+                    stopped[0] = True
+                    logger.warning("structured output stopped early: %s", matcher.get_error().splitlines()[-1:])
+                width = logits.shape[-1]
+                only_eos = mx.array(np.pad(eos, (0, max(0, width - eos.size)))[:width])
+                return mx.where(only_eos, logits, -mx.inf)
             allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, : logits.shape[-1]]
             if allowed.shape[-1] < logits.shape[-1]:  # logits padded past the vocabulary
                 allowed = np.pad(allowed, ((0, 0), (0, logits.shape[-1] - allowed.shape[-1])))
