@@ -7,9 +7,10 @@ off), ``max_batch_size`` 16:
 
 - **agent loop**: a five-turn tool-using conversation (forced call, tool result, answer per
   turn), streamed; TTFT of each model call, turn 5's answer vs turn 1's, cache on and off.
-- **priority**: 16 background streams (256 tokens) fill the batch; an interactive request
+- **priority**: 16 background streams (128 tokens) fill the batch; an interactive request
   (8 tokens) every 0.5 s; its TTFT p50 when everything has priority 0, when the background
-  has priority 10, and on an idle server.
+  has priority 10, and on an idle server. An interactive request shed with 503 (it waited
+  longer than ``max_queue_wait_s``) is counted, not timed.
 
 Writes bench/results/engine-depth-<date>.md.
 """
@@ -81,22 +82,30 @@ async def agent_loop(base: str, model: str, tag: str) -> list[float]:
     return out
 
 
-async def priority_run(base: str, model: str, background: int, background_priority: int, interactive: int) -> list[float]:
-    """TTFT of ``interactive`` requests (priority 0) while ``background`` streams run."""
+async def priority_run(base: str, model: str, background: int, background_priority: int, interactive: int) -> list[float | None]:
+    """TTFT of ``interactive`` requests (priority 0) while ``background`` streams run (None: shed)."""
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
         stop = asyncio.Event()
 
         async def stream() -> None:
             while not stop.is_set():
-                await ttft(client, base, {"model": model, "max_tokens": 256, "temperature": 0, "priority": background_priority,
-                                          "messages": [{"role": "user", "content": tagged("Write a long story about the sea.")}]})
+                try:
+                    await ttft(client, base, {"model": model, "max_tokens": 128, "temperature": 0, "priority": background_priority,
+                                              "messages": [{"role": "user", "content": tagged("Write a long story about the sea.")}]})
+                except httpx.HTTPError:
+                    await asyncio.sleep(0.2)  # shed or cut off: the load goes on
 
         tasks = [asyncio.create_task(stream()) for _ in range(background)]
         await asyncio.sleep(3.0 if tasks else 0)
-        times = []
+        times: list[float | None] = []
         for _ in range(interactive):
-            t, _ = await ttft(client, base, {"model": model, "max_tokens": 8, "temperature": 0, "priority": 0,
-                                             "messages": [{"role": "user", "content": tagged("Say hello.")}]})
+            try:
+                t, _ = await ttft(client, base, {"model": model, "max_tokens": 8, "temperature": 0, "priority": 0,
+                                                 "messages": [{"role": "user", "content": tagged("Say hello.")}]})
+            except httpx.HTTPStatusError as e:
+                if e.response.status_code != 503:
+                    raise
+                t = None
             times.append(t)
             await asyncio.sleep(0.5)
         stop.set()
@@ -117,7 +126,7 @@ def main() -> None:
     config["applications"][0]["args"]["llm"] = [{**base_entry, "name": "cached"},
                                                 {**base_entry, "name": "nocache", "prefix_cache_size": 0, "aliases": []}]
     agent: dict[str, list[list[float]]] = {"cached": [], "nocache": []}
-    prio: dict[str, list[float]] = {"idle": [], "no priorities": [], "background priority 10": []}
+    prio: dict[str, list[float | None]] = {"idle": [], "no priorities": [], "background priority 10": []}
     with tempfile.TemporaryDirectory(prefix="orchard-depth-") as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -145,11 +154,16 @@ def main() -> None:
         summary[model] = per_turn
         lines.append(f"| {model} | " + " | ".join(f"{x * 1e3:.0f}" for x in per_turn) + f" | {per_turn[-1] / per_turn[0]:.2f} |")
     lines += ["", "## Interactive TTFT under 16 background streams (batch of 16)", "",
-              "| scenario | TTFT p50 ms | p90 ms |", "|---|---:|---:|"]
-    for name, times in prio.items():
+              "| scenario | TTFT p50 ms | p90 ms | shed (503) |", "|---|---:|---:|---:|"]
+    for name, results in prio.items():
+        times = [t for t in results if t is not None]
+        shed = len(results) - len(times)
+        if not times:
+            lines.append(f"| {name} | — | — | {shed} of {len(results)} |")
+            continue
         q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
-        summary[name] = {"p50": statistics.median(times), "p90": q[8]}
-        lines.append(f"| {name} | {statistics.median(times) * 1e3:.0f} | {q[8] * 1e3:.0f} |")
+        summary[name] = {"p50": statistics.median(times), "p90": q[8], "shed": shed}
+        lines.append(f"| {name} | {statistics.median(times) * 1e3:.0f} | {q[8] * 1e3:.0f} | {shed} of {len(results)} |")
     text = "\n".join(lines) + "\n"
     write_report("engine-depth", text, {"agent": agent, "priority": prio, "summary": summary})
     print(text)
