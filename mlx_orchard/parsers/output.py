@@ -36,7 +36,34 @@ class Piece:
     index: int = 0
 
 
-class OutputParser:
+class _StreamParser:
+    """Feeds text through ``_step`` until it has nothing more to do; ``finish`` then runs the
+    steps once more as final and hands what remains to ``_rest``."""
+
+    _buf: str
+
+    def _step(self, out: list[Piece], final: bool) -> bool:
+        raise NotImplementedError
+
+    def _rest(self, out: list[Piece]) -> None:
+        raise NotImplementedError
+
+    def feed(self, text: str) -> list[Piece]:
+        self._buf += text
+        out: list[Piece] = []
+        while self._step(out, final=False):
+            pass
+        return _merge(out)
+
+    def finish(self) -> list[Piece]:
+        out: list[Piece] = []
+        while self._step(out, final=True):
+            pass
+        self._rest(out)
+        return _merge(out)
+
+
+class OutputParser(_StreamParser):
     """One choice's parser. ``functions``: the request's tools by name (None: no tool parsing)."""
 
     def __init__(self, tools: ToolFormat | None = None, functions: dict[str, dict] | None = None,
@@ -53,17 +80,7 @@ class OutputParser:
         self._after_region = False  # reasoning or a call came first: the answer's leading whitespace goes
         self.calls = 0
 
-    def feed(self, text: str) -> list[Piece]:
-        self._buf += text
-        out: list[Piece] = []
-        while self._step(out, final=False):
-            pass
-        return _merge(out)
-
-    def finish(self) -> list[Piece]:
-        out: list[Piece] = []
-        while self._step(out, final=True):
-            pass
+    def _rest(self, out: list[Piece]) -> None:
         if self._region == "tool" and self._call is not None:
             assert self._tools is not None  # cut short (max_tokens) unless its format has no end marker
             self._end_streamed(self._buf, out, complete=self._tools.end is None)
@@ -76,7 +93,6 @@ class OutputParser:
             if not self.calls and not self._after_region:
                 out.append(Piece("text", self._space))
         self._buf, self._region = "", None
-        return _merge(out)
 
     # ---- the state machine: True while there is more to do in the buffer ----
 
@@ -211,7 +227,7 @@ class OutputParser:
             self.calls += 1
 
 
-class HarmonyParser:
+class HarmonyParser(_StreamParser):
     """OpenAI's harmony format (gpt-oss), read from text that keeps the special tokens:
     ``analysis`` messages are reasoning, ``final`` (and plain ``commentary``) text, and a
     message addressed ``to=functions.NAME`` a tool call."""
@@ -228,21 +244,10 @@ class HarmonyParser:
         self._header_text: str | None = None  # the current message's header; None: reading a header
         self.calls = 0
 
-    def feed(self, text: str) -> list[Piece]:
-        self._buf += text
-        out: list[Piece] = []
-        while self._step(out, final=False):
-            pass
-        return _merge(out)
-
-    def finish(self) -> list[Piece]:
-        out: list[Piece] = []
-        while self._step(out, final=True):
-            pass
+    def _rest(self, out: list[Piece]) -> None:
         if self._header_text is not None:
             self._close(self._buf, out)
         self._buf, self._header_text = "", None
-        return _merge(out)
 
     def _kind(self) -> tuple[str, str | None]:
         header = self._header_text or ""

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, 
 
 from mlx_orchard.errors import InvalidRequestError
 from mlx_orchard.protocol.common import ModelRequest, OpenAIResponse
-from mlx_orchard.protocol.tools import FUNCTION_NAME, MAX_TOOLS, check_schema, function_spec, template_arguments, tool_request
+from mlx_orchard.protocol.tools import FUNCTION_NAME, MAX_TOOLS, FunctionDefinition, check_schema, template_arguments, tool_request
 from mlx_orchard.wire import ToolRequest
 
 _MAX_ITEMS = 8192
@@ -94,20 +94,10 @@ class ReasoningInputItem(BaseModel):
 InputItem = InputMessage | FunctionCallItem | FunctionCallOutputItem | ReasoningInputItem
 
 
-class FunctionTool(BaseModel):
+class FunctionTool(FunctionDefinition):
+    """The Responses API declares a function flat, beside its type."""
+
     type: Literal["function"]
-    name: str = Field(pattern=FUNCTION_NAME)
-    description: str | None = Field(None, max_length=16_384)
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-    @field_validator("parameters")
-    @classmethod
-    def _bounded(cls, v):
-        return check_schema(v)
-
-    def spec(self) -> dict[str, Any]:
-        return function_spec(self.name, self.description, self.parameters)
 
 
 class NamedFunction(BaseModel):
