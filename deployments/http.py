@@ -106,6 +106,7 @@ def sse_event(data: BaseModel | dict[str, Any]) -> bytes:
 
 
 SSE_DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no caching, no proxy buffering
 
 
 async def with_deadline(events: AsyncIterator[bytes], deadline: float) -> AsyncIterator[bytes]:

@@ -12,21 +12,11 @@ import openai
 import pytest
 
 from tests.conftest import default_args
+from tests.tool_specs import CHAT_WEATHER
 
 APP = "depth"
 CACHED, UNCACHED = "smollm2-cached", "smollm2-nocache"
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
-            "required": ["city", "unit"],
-        },
-    },
-}
+WEATHER = CHAT_WEATHER
 CITIES = ["Paris", "Oslo", "Rome", "Lima", "Cairo"]
 
 

@@ -8,16 +8,10 @@ import httpx
 import jsonschema
 import pytest
 
+from tests.tool_specs import MESSAGES_WEATHER
+
 MODEL = "smollm2"
-WEATHER = {
-    "name": "get_weather",
-    "description": "The current weather in a city.",
-    "input_schema": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "maxLength": 40}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
-        "required": ["city", "unit"],
-    },
-}
+WEATHER = MESSAGES_WEATHER
 
 
 # This SDK no longer takes sampling parameters for Claude models; Orchard still reads them.

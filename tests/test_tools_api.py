@@ -12,22 +12,10 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from tests.tool_specs import CHAT_WEATHER
+
 MODEL = "smollm2"
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 40},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-        },
-    },
-}
+WEATHER = CHAT_WEATHER
 TIME = {
     "type": "function",
     "function": {

@@ -11,7 +11,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from deployments import llm_client
-from deployments.http import SSE_DONE, sse_errors_inline, sse_event
+from deployments.http import SSE_DONE, SSE_HEADERS, sse_errors_inline, sse_event
 from deployments.llm_client import Generation, LLMClient
 from deployments.routers import messages, responses
 from mlx_orchard.protocol.chat import (
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from deployments.ingress import Ingress
 
 FAMILY = "llm"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def router(ingress: Ingress) -> APIRouter:

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from deployments import llm_client
-from deployments.http import error_payload
+from deployments.http import SSE_HEADERS, error_payload
 from deployments.llm_client import Generation, LLMClient
 from mlx_orchard.protocol.messages import Message, MessagesRequest, Usage, message_id, stop_reason, tool_use_block
 from mlx_orchard.wire import ChoiceChunk
@@ -23,7 +23,6 @@ from mlx_orchard.wire import ChoiceChunk
 if TYPE_CHECKING:
     from deployments.ingress import Ingress
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def router(ingress: Ingress, client_for: Callable[[str], Awaitable[LLMClient]]) -> APIRouter:

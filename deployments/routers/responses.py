@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from deployments import llm_client
-from deployments.http import error_payload
+from deployments.http import SSE_HEADERS, error_payload
 from deployments.llm_client import Generation, LLMClient, merged_calls
 from mlx_orchard.errors import NotFoundError
 from mlx_orchard.protocol.common import stop_list
@@ -43,7 +43,6 @@ from mlx_orchard.wire import ChoiceChunk, SamplingParams, TokenLogprob
 if TYPE_CHECKING:
     from deployments.ingress import Ingress
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def router(ingress: Ingress, client_for: Callable[[str], Awaitable[LLMClient]]) -> APIRouter:
