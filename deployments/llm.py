@@ -19,6 +19,7 @@ from deployments.multiplex import MultiplexedFamily
 from mlx_orchard.config import LLMEntry
 from mlx_orchard.engines.fair_lock import FairLock
 from mlx_orchard.engines.llm import EngineStats, GenerationChunk, LLMEngine
+from mlx_orchard.engines.speculative import SpeculativeConfig
 from mlx_orchard.families import PoolSpec
 from mlx_orchard.models.cache import cache_root
 from mlx_orchard.models.registry import resolve_llm
@@ -164,6 +165,7 @@ class LLMModel:
             chat_template=_template(entry.chat_template),
             prefix_cache_dir=entry.prefix_cache_dir or str(cache_root() / "prefix-cache" / entry.name),
             prefix_cache_disk_bytes=int(entry.prefix_cache_disk_gb * _GB),
+            speculative=None if entry.speculative is None else SpeculativeConfig(**entry.speculative.model_dump(exclude={"method"})),
         )
         engine = self.engine
         self.output = ModelOutput(
@@ -185,7 +187,12 @@ class LLMModel:
             boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10],
             tag_keys=("model",),
         )
-        for m in (self._requests, self._tokens, self._ttft):
+        self._drafted = metrics.Counter("orchard_llm_spec_draft_tokens", "speculative tokens drafted", ("model",))
+        self._accepted = metrics.Counter(
+            "orchard_llm_spec_accepted_tokens", "speculative tokens accepted (acceptance: accepted / draft)", ("model",)
+        )
+        self._spec_reported = (0, 0)
+        for m in (self._requests, self._tokens, self._ttft, self._drafted, self._accepted):
             m.set_default_tags(tags)
 
     async def generate(
@@ -274,6 +281,16 @@ class LLMModel:
             # Counted once per request, not per chunk: the metric stays off the token path.
             if generated:
                 self._tokens.inc(generated)
+                self._report_speculation()
+
+    def _report_speculation(self) -> None:
+        stats = self.engine.stats()
+        drafted, accepted = self._spec_reported
+        if stats.draft_tokens > drafted:
+            self._drafted.inc(stats.draft_tokens - drafted)
+            if stats.accepted_tokens > accepted:
+                self._accepted.inc(stats.accepted_tokens - accepted)
+            self._spec_reported = (stats.draft_tokens, stats.accepted_tokens)
 
     def _off_loop(self, fn, *args):
         return asyncio.get_running_loop().run_in_executor(self._text, fn, *args)

@@ -96,6 +96,25 @@ class ModelEntry(Strict):
         return PoolOptions(max_num_models_per_replica=1, deployment=self.deployment, batching=getattr(self, "batching", None))
 
 
+class SpeculativeOptions(Strict):
+    """Speculative decoding inside the continuous batch, for greedy requests (their answers
+    do not change). Each step verifies drafts only where that has been measured faster."""
+
+    method: Literal["prompt_lookup"] = Field(
+        "prompt_lookup", description="prompt_lookup: draft what followed the same n-gram earlier in the context"
+    )
+    num_draft_tokens: int = Field(4, ge=1, le=32, description="most tokens drafted per sequence per step")
+    ngram_max: int = Field(4, ge=1, le=16, description="longest context suffix looked up")
+    ngram_min: int = Field(2, ge=1, le=16, description="shortest context suffix looked up")
+    adaptive: bool = Field(True, description="verify drafts only in steps where that measured faster here")
+
+    @model_validator(mode="after")
+    def _ngram_range(self):
+        if self.ngram_min > self.ngram_max:
+            raise ValueError("ngram_min must not exceed ngram_max")
+        return self
+
+
 class LLMEntry(ModelEntry):
     dequantize: bool | Literal["auto"] = Field(
         "auto",
@@ -137,6 +156,7 @@ class LLMEntry(ModelEntry):
     max_queue_wait_s: float | None = Field(
         20.0, gt=0, description="a sequence not in the batch after this long is shed with 503 (None: never)"
     )
+    speculative: SpeculativeOptions | None = Field(None, description="speculative decoding (off: none)")
     sampling: SamplingDefaults = SamplingDefaults()
 
     @field_validator("tool_parser")

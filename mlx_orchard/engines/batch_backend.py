@@ -12,6 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from mlx_orchard.engines.speculative import (
+    PromptLookup,
+    SpeculativeConfig,
+    SpeculativeGenerationBatch,
+    SpeculativeStats,
+)
+
 
 @dataclass
 class StepToken:
@@ -35,8 +42,10 @@ class BatchBackend(Protocol):
         max_tokens: list[int],
         samplers: list[Callable | None],
         logits_processors: list[list[Callable]],
+        speculate: list[bool] | None = None,
     ) -> list[int]:
-        """Queue sequences (each may start from a KV cache holding ``all_tokens``); their uids."""
+        """Queue sequences (each may start from a KV cache holding ``all_tokens``); their uids.
+        ``speculate``: which of them draft tokens ahead (where the backend can)."""
 
     def step(self) -> list[StepToken]:
         """Advance every sequence by one step (prefilling newcomers a chunk at a time)."""
@@ -46,12 +55,18 @@ class BatchBackend(Protocol):
     def extract_cache(self, uid: int) -> tuple[list, list[int]]:
         """A copy of one running sequence's KV cache and the tokens it holds."""
 
+    @property
+    def speculation(self) -> SpeculativeStats | None:
+        """Draft and acceptance counts, when the backend speculates."""
+
 
 class MlxLmBatch:
-    """mlx-lm's ``BatchGenerator`` as a ``BatchBackend``."""
+    """mlx-lm's ``BatchGenerator`` as a ``BatchBackend``; with ``speculative``, its
+    generation half verifies prompt-lookup drafts (``speculative.py``)."""
 
     def __init__(self, model: Any, *, stop_tokens: list[list[int]], completion_batch_size: int,
-                 prefill_batch_size: int, prefill_step_size: int):
+                 prefill_batch_size: int, prefill_step_size: int,
+                 speculative: SpeculativeConfig | None = None):
         from mlx_lm.generate import BatchGenerator
 
         self._generator = BatchGenerator(
@@ -61,9 +76,24 @@ class MlxLmBatch:
             prefill_batch_size=prefill_batch_size,
             prefill_step_size=prefill_step_size,
         )
+        self._speculative = speculative
+        self._drafters: dict[int, PromptLookup] = {}
+        self._stats: SpeculativeStats | None = None
+        if speculative is not None:
+            self._stats = SpeculativeStats()
+            # The generator's (empty) generation batch, swapped for one that verifies drafts;
+            # batches leaving prefill are merged into it, so it keeps its class.
+            self._generator._generation_batch = SpeculativeGenerationBatch.empty_with(
+                model, self._generator.sampler, self._drafters, self._stats, speculative.adaptive
+            )
 
-    def insert(self, prompts, *, caches, all_tokens, max_tokens, samplers, logits_processors) -> list[int]:
-        return self._generator.insert(
+    @property
+    def speculation(self) -> SpeculativeStats | None:
+        return self._stats
+
+    def insert(self, prompts, *, caches, all_tokens, max_tokens, samplers, logits_processors,
+               speculate=None) -> list[int]:
+        uids = self._generator.insert(
             prompts,
             caches=caches,
             all_tokens=all_tokens,
@@ -71,9 +101,18 @@ class MlxLmBatch:
             samplers=samplers,
             logits_processors=logits_processors,
         )
+        if self._speculative is not None:
+            for uid, wanted in zip(uids, speculate or []):
+                if wanted:
+                    self._drafters[uid] = PromptLookup(self._speculative)
+        return uids
 
     def step(self) -> list[StepToken]:
         _, responses = self._generator.next()
+        if self._drafters:
+            for r in responses:
+                if r.finish_reason:
+                    self._drafters.pop(r.uid, None)
         return [
             StepToken(
                 r.uid,
@@ -88,6 +127,8 @@ class MlxLmBatch:
 
     def remove(self, uids: list[int]) -> None:
         self._generator.remove(uids)
+        for uid in uids:
+            self._drafters.pop(uid, None)
 
     def extract_cache(self, uid: int) -> tuple[list, list[int]]:
         cache, tokens = self._generator.extract_cache([uid])[uid]

@@ -52,6 +52,7 @@ from mlx_orchard.engines.sampling import (
     build_logits_processors,
     build_sampler,
 )
+from mlx_orchard.engines.speculative import SpeculativeConfig, supports_speculation
 from mlx_orchard.engines.stopping import StopStringFilter
 from mlx_orchard.engines.token_bytes import TokenBytes
 from mlx_orchard.errors import (
@@ -98,6 +99,8 @@ class EngineStats:
     prefix_cache_disk_hits: int = 0
     prefilled_tokens: int = 0  # prompt tokens run through the model (cache hits excluded)
     preempted: int = 0  # sequences paused for a more urgent one (they resume later)
+    draft_tokens: int = 0  # speculative decoding: tokens drafted ...
+    accepted_tokens: int = 0  # ... and accepted by the model
 
 
 class _Mailbox:
@@ -181,6 +184,7 @@ class LLMEngine:
         keep_special_tokens: bool = False,
         prefix_cache_dir: str | Path | None = None,
         prefix_cache_disk_bytes: int = 0,
+        speculative: SpeculativeConfig | None = None,
     ):
         self.model_path = str(model_path)
         self._context_override = context_length  # the config's word over the model's own
@@ -204,6 +208,7 @@ class LLMEngine:
         self.max_waiting = max_waiting
         self.max_queue_wait_s = max_queue_wait_s
         self.kv_budget = kv_cache_bytes
+        self.speculative = speculative  # prompt lookup for greedy sequences (off: None)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._running: dict[int, _Sequence] = {}
         self._pending: deque[_Sequence] = deque()  # received, not yet in the BatchGenerator
@@ -243,12 +248,16 @@ class LLMEngine:
         self._added_tokens = {t: i for t, i in hf.get_added_vocab().items() if 0 <= i < self.vocab_size}
         self.token_bytes = TokenBytes(hf)
         self.kv_bytes_per_token = self._measure_kv_bytes_per_token()
+        if self.speculative is not None and not supports_speculation(self.model):
+            logger.warning("%s: speculative decoding is off (its KV cache cannot roll back drafts)", self.model_path)
+            self.speculative = None
         self._make_generator = lambda: MlxLmBatch(
             self.model,
             stop_tokens=[[t] for t in self.eos_token_ids],
             completion_batch_size=self.max_batch_size,
             prefill_batch_size=self.prefill_batch_size,
             prefill_step_size=self.prefill_step_size,
+            speculative=self.speculative,
         )
         self._generator: BatchBackend = self._make_generator()
         # KV caches of finished sequences, found again by longest common token prefix: chat
@@ -454,6 +463,7 @@ class LLMEngine:
         await asyncio.wait_for(answered, timeout)
 
     def stats(self) -> EngineStats:
+        spec = self._generator.speculation if self._loaded.is_set() and self._fatal is None else None
         return EngineStats(
             running=len(self._running),
             waiting=self._waiting + len(self._pending),
@@ -468,6 +478,8 @@ class LLMEngine:
             prefix_cache_disk_hits=self._disk.hits if self._disk is not None else 0,
             prefilled_tokens=self._prefilled,
             preempted=self._preempted,
+            draft_tokens=spec.drafted if spec is not None else 0,
+            accepted_tokens=spec.accepted if spec is not None else 0,
         )
 
     def is_alive(self) -> bool:
@@ -751,6 +763,8 @@ class LLMEngine:
                 max_tokens=[s.max_tokens - s.completion_tokens for s in ready],
                 samplers=[s.sampler for s in ready],  # type: ignore[misc]  # None: the batch's greedy sampler
                 logits_processors=[s.processors for s in ready],  # type: ignore[misc]
+                # Greedy sequences with no processors draft ahead: their output stays the same.
+                speculate=[s.sampler is None and not s.processors for s in ready],
             )
         except Exception:  # noqa: BLE001 - insert checks before it changes any state
             logger.exception("could not insert %d sequences", len(ready))
