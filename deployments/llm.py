@@ -165,6 +165,8 @@ class LLMModel:
             chat_template=_template(entry.chat_template),
             prefix_cache_dir=entry.prefix_cache_dir or str(cache_root() / "prefix-cache" / entry.name),
             prefix_cache_disk_bytes=int(entry.prefix_cache_disk_gb * _GB),
+            kv_bits=entry.kv_bits,
+            kv_group_size=entry.kv_group_size,
             speculative=None if entry.speculative is None else SpeculativeConfig(**entry.speculative.model_dump(exclude={"method"})),
         )
         engine = self.engine

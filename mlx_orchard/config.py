@@ -157,6 +157,11 @@ class LLMEntry(ModelEntry):
         20.0, gt=0, description="a sequence not in the batch after this long is shed with 503 (None: never)"
     )
     speculative: SpeculativeOptions | None = Field(None, description="speculative decoding (off: none)")
+    kv_bits: Literal[2, 3, 4, 5, 6, 8] | None = Field(
+        None, description="quantize the KV cache to these bits (off: none); 8 keeps answers, 4 costs small models "
+        "their accuracy; admission counts the smaller bytes, so more sequences fit"
+    )
+    kv_group_size: Literal[32, 64, 128] = Field(64, description="values sharing one scale in the quantized KV cache")
     sampling: SamplingDefaults = SamplingDefaults()
 
     @field_validator("tool_parser")

@@ -12,6 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from mlx_lm.models.cache import make_prompt_cache
+
+from mlx_orchard.engines.quantized_kv import as_quantized
 from mlx_orchard.engines.speculative import (
     PromptLookup,
     SpeculativeConfig,
@@ -62,11 +65,13 @@ class BatchBackend(Protocol):
 
 class MlxLmBatch:
     """mlx-lm's ``BatchGenerator`` as a ``BatchBackend``; with ``speculative``, its
-    generation half verifies prompt-lookup drafts (``speculative.py``)."""
+    generation half verifies prompt-lookup drafts (``speculative.py``); with
+    ``kv_quantization``, sequences keep quantized KV (``quantized_kv.py``)."""
 
     def __init__(self, model: Any, *, stop_tokens: list[list[int]], completion_batch_size: int,
                  prefill_batch_size: int, prefill_step_size: int,
-                 speculative: SpeculativeConfig | None = None):
+                 speculative: SpeculativeConfig | None = None,
+                 kv_quantization: tuple[int, int] | None = None):
         from mlx_lm.generate import BatchGenerator
 
         self._generator = BatchGenerator(
@@ -77,6 +82,8 @@ class MlxLmBatch:
             prefill_step_size=prefill_step_size,
         )
         self._speculative = speculative
+        self._model = model
+        self._kv_quantization = kv_quantization  # (group size, bits)
         self._drafters: dict[int, PromptLookup] = {}
         self._stats: SpeculativeStats | None = None
         if speculative is not None:
@@ -93,6 +100,11 @@ class MlxLmBatch:
 
     def insert(self, prompts, *, caches, all_tokens, max_tokens, samplers, logits_processors,
                speculate=None) -> list[int]:
+        if self._kv_quantization is not None:
+            # Every sequence's cache quantized, so the batch merges them into one
+            # BatchQuantizedKVCache (fresh ones, prefix-cache hits, the disk tier's).
+            group, bits = self._kv_quantization
+            caches = [[as_quantized(c, group, bits) for c in (cache or make_prompt_cache(self._model))] for cache in caches]
         uids = self._generator.insert(
             prompts,
             caches=caches,

@@ -47,12 +47,13 @@ from mlx_orchard.engines.batch_backend import BatchBackend, MlxLmBatch, StepToke
 from mlx_orchard.engines.constrained import Grammars
 from mlx_orchard.engines.detokenize import IncrementalDetokenizer
 from mlx_orchard.engines.prefix_disk import DiskPrefixCache
+from mlx_orchard.engines.quantized_kv import as_quantized, plain_kv_cache
 from mlx_orchard.engines.sampling import (
     SamplingParams,
     build_logits_processors,
     build_sampler,
 )
-from mlx_orchard.engines.speculative import SpeculativeConfig, supports_speculation
+from mlx_orchard.engines.speculative import SpeculativeConfig
 from mlx_orchard.engines.stopping import StopStringFilter
 from mlx_orchard.engines.token_bytes import TokenBytes
 from mlx_orchard.errors import (
@@ -93,6 +94,7 @@ class EngineStats:
     alive: bool
     failed_steps: int = 0
     kv_reserved_bytes: int = 0  # what the running sequences may grow to
+    kv_bytes_per_token: int = 0  # KV-cache bytes one token of one sequence takes (after kv_bits)
     kv_budget_bytes: int | None = None
     prefix_cache_bytes: int = 0
     prefix_cache_disk_bytes: int = 0
@@ -185,6 +187,8 @@ class LLMEngine:
         prefix_cache_dir: str | Path | None = None,
         prefix_cache_disk_bytes: int = 0,
         speculative: SpeculativeConfig | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
     ):
         self.model_path = str(model_path)
         self._context_override = context_length  # the config's word over the model's own
@@ -209,6 +213,7 @@ class LLMEngine:
         self.max_queue_wait_s = max_queue_wait_s
         self.kv_budget = kv_cache_bytes
         self.speculative = speculative  # prompt lookup for greedy sequences (off: None)
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size  # quantized KV cache (off: None)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._running: dict[int, _Sequence] = {}
         self._pending: deque[_Sequence] = deque()  # received, not yet in the BatchGenerator
@@ -247,10 +252,19 @@ class LLMEngine:
         hf = self.tokenizer._tokenizer
         self._added_tokens = {t: i for t, i in hf.get_added_vocab().items() if 0 <= i < self.vocab_size}
         self.token_bytes = TokenBytes(hf)
-        self.kv_bytes_per_token = self._measure_kv_bytes_per_token()
-        if self.speculative is not None and not supports_speculation(self.model):
+        plain_kv = plain_kv_cache(self.model)
+        if self.speculative is not None and not plain_kv:
             logger.warning("%s: speculative decoding is off (its KV cache cannot roll back drafts)", self.model_path)
             self.speculative = None
+        if self.kv_bits and not plain_kv:
+            logger.warning("%s: kv_bits is ignored (its cache is not a plain KV cache)", self.model_path)
+            self.kv_bits = None
+        head_dim = getattr(getattr(self.model, "args", None), "head_dim", None) or config.get("head_dim") or (
+            config.get("hidden_size", 0) // max(config.get("num_attention_heads", 1), 1)
+        )
+        if self.kv_bits and head_dim and head_dim % self.kv_group_size:
+            raise ValueError(f"kv_group_size {self.kv_group_size} does not divide this model's head size ({head_dim})")
+        self.kv_bytes_per_token = self._measure_kv_bytes_per_token()
         self._make_generator = lambda: MlxLmBatch(
             self.model,
             stop_tokens=[[t] for t in self.eos_token_ids],
@@ -258,6 +272,7 @@ class LLMEngine:
             prefill_batch_size=self.prefill_batch_size,
             prefill_step_size=self.prefill_step_size,
             speculative=self.speculative,
+            kv_quantization=(self.kv_group_size, self.kv_bits) if self.kv_bits else None,
         )
         self._generator: BatchBackend = self._make_generator()
         # KV caches of finished sequences, found again by longest common token prefix: chat
@@ -304,11 +319,15 @@ class LLMEngine:
     def _measure_kv_bytes_per_token(self) -> int:
         """KV-cache bytes one token adds, measured on a real cache (every architecture's own)."""
         cache = make_prompt_cache(self.model)
+        if self.kv_bits:
+            cache = [as_quantized(c, self.kv_group_size, self.kv_bits) for c in cache]
         self.model(mx.array([[0, 0]]), cache=cache)
         mx.eval([c.state for c in cache])
         per_token = 0
         for c in cache:
             keys = getattr(c, "keys", None)
+            if isinstance(keys, tuple):  # quantized: (packed, scales, biases)
+                keys = keys[0]
             if keys is not None and keys.ndim >= 3 and keys.shape[-2]:
                 per_token += c.nbytes // keys.shape[-2]
         return max(per_token, 1)
@@ -472,6 +491,7 @@ class LLMEngine:
             alive=self.is_alive(),
             failed_steps=self._failed_steps,
             kv_reserved_bytes=self._reserved,
+            kv_bytes_per_token=getattr(self, "kv_bytes_per_token", 0),
             kv_budget_bytes=self.kv_budget,
             prefix_cache_bytes=self._prefix_cache.nbytes if self._prefix_cache is not None else 0,
             prefix_cache_disk_bytes=self._disk.nbytes if self._disk is not None else 0,
@@ -644,11 +664,14 @@ class LLMEngine:
         BatchGenerator returns a step's tokens only after that step's prefill work, so
         admitting more prompts before the previous group's first tokens are out would make
         every earlier request wait for every later request's prefill (TTFT p50 = p95).
-        A sequence also waits until the KV-cache bytes it may grow to fit the budget.
+        A more urgent sequence does not wait for a less urgent group. A sequence also waits
+        until the KV-cache bytes it may grow to fit the budget.
         """
-        if not self._pending or any(s.prefilling for s in self._running.values()):
+        if not self._pending:
             return
         head = self._pending[0]
+        if any(s.prefilling and s.priority <= head.priority for s in self._running.values()):
+            return
         while (len(self._running) >= self.max_batch_size or not self._fits(head)) and self._preempt_for(head):
             pass
         room = min(self.prefill_batch_size, self.max_batch_size - len(self._running))

@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +73,7 @@ class DiskPrefixCache:
         kv, tok = self.dir / f"{key}.safetensors", self.dir / f"{key}.tokens.npy"
         tmp_kv, tmp_tok = self.dir / f".{key}.tmp.safetensors", self.dir / f".{key}.tmp.npy"
         try:
-            save_prompt_cache(str(tmp_kv), cache)
+            save_prompt_cache(str(tmp_kv), [_as_mlx_lm_class(c) for c in cache])
             np.save(tmp_tok, array)
             os.replace(tmp_tok, tok)
             os.replace(tmp_kv, kv)  # last: an entry is whole once its KV file has its name
@@ -141,3 +142,16 @@ class DiskPrefixCache:
     def _unlink(self, key: str) -> None:
         for suffix in (".safetensors", ".tokens.npy"):
             (self.dir / f"{key}{suffix}").unlink(missing_ok=True)
+
+
+def _as_mlx_lm_class(cache: Any) -> Any:
+    """``load_prompt_cache`` finds a layer's class by name among mlx-lm's own: a subclass
+    (Orchard's mergeable quantized cache) is written as the mlx-lm class it extends."""
+    import mlx_lm.models.cache as caches
+
+    base = next(t for t in type(cache).__mro__ if getattr(caches, t.__name__, None) is t)
+    if base is type(cache):
+        return cache
+    copy = base.__new__(base)
+    copy.__dict__.update(cache.__dict__)
+    return copy

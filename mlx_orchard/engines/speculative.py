@@ -28,7 +28,6 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationBatch
-from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ class PromptLookup:
     """Drafts the tokens that followed the latest earlier occurrence of the context's last
     n tokens (longest n first). The index is built incrementally as the context grows.
 
-    Its draft length follows its record: one more after a draft accepted whole, the accepted
+    Its draft length follows its record: twice as long after a draft accepted whole, the accepted
     length + 1 after a miss; a sequence whose drafts keep missing (free text that only
     repeats short phrases) stops drafting and tries again now and then, since every row of
     a verifying step pays for the longest draft in it."""
@@ -66,7 +65,7 @@ class PromptLookup:
     def record(self, drafted: int, accepted: int) -> None:
         self.rate = 0.7 * self.rate + 0.3 * accepted / drafted
         if accepted == drafted:
-            self.length = min(self.length + 1, self.config.num_draft_tokens)
+            self.length = min(self.length * 2, self.config.num_draft_tokens)
         else:
             self.length = accepted + 1
         if self.rate < 0.2:
@@ -118,12 +117,6 @@ class StepPolicy:
         key = (batch_size.bit_length(), speculating)
         rate = tokens / max(seconds, 1e-6)
         self.rate[key] = rate if key not in self.rate else 0.7 * self.rate[key] + 0.3 * rate
-
-
-def supports_speculation(model: Any) -> bool:
-    """Rejected drafts are rolled out of the cache: plain KV caches only (not rotating
-    windows, not the recurrent state of SSM layers)."""
-    return all(type(c) is KVCache for c in make_prompt_cache(model))
 
 
 class SpeculativeGenerationBatch(GenerationBatch):
@@ -243,7 +236,6 @@ class SpeculativeGenerationBatch(GenerationBatch):
             if common:
                 c.trim(common)
             if max(padding) > common:
-                assert isinstance(c, BatchKVCache)
                 c.prepare(right_padding=[p - common for p in padding])
                 c.finalize()
         mx.eval([c.state for c in self.prompt_cache])
