@@ -66,3 +66,28 @@ def test_pool_settings_belong_to_the_pool_unless_a_model_is_dedicated():
         {"llm": [{"name": "a", "source": "x", "dedicated": True, "deployment": {"num_replicas": 2}}]}
     )
     assert ok.llm[0].dedicated_pool().max_num_models_per_replica == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"speculative": {"method": "draft_model"}},
+        {"speculative": {"ngram_min": 5, "ngram_max": 3}},
+        {"speculative": {"num_draft_tokens": 0}},
+        {"kv_bits": 7},
+        {"kv_group_size": 48},
+    ],
+)
+def test_speculative_and_kv_cache_settings_are_checked(change):
+    args = default_args()
+    args["llm"][0].update(change)
+    with pytest.raises(ValidationError):
+        OrchardArgs.model_validate(args)
+
+
+def test_speculative_and_kv_cache_settings_reach_the_model_entry():
+    args = default_args()
+    args["llm"][0].update({"speculative": {"method": "prompt_lookup", "num_draft_tokens": 6}, "kv_bits": 8})
+    entry = OrchardArgs.model_validate(args).llm[0]
+    assert entry.speculative is not None and entry.speculative.num_draft_tokens == 6
+    assert entry.kv_bits == 8 and entry.kv_group_size == 64

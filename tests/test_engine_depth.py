@@ -1,6 +1,7 @@
 """Engine depth (issue #11) through Serve: an agent loop served from the prefix cache, SSE
 keep-alive comments during a long prefill. One Serve app for the module: SmolLM2 twice in
-one pool, with the prefix cache and without (the reference answers)."""
+one pool, with the prefix cache and without (the reference answers), and a third time with
+speculative decoding."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from tests.conftest import default_args
 from tests.tool_specs import CHAT_WEATHER
 
 APP = "depth"
-CACHED, UNCACHED = "smollm2-cached", "smollm2-nocache"
+CACHED, UNCACHED, SPECULATIVE = "smollm2-cached", "smollm2-nocache", "smollm2-spec"
 WEATHER = CHAT_WEATHER
 CITIES = ["Paris", "Oslo", "Rome", "Lima", "Cairo"]
 
@@ -33,7 +34,9 @@ def app(serve_instance, smollm2_dir):
         "ingress": {**args["ingress"], "sse_keepalive_s": 0.25},
         "runtime": args["runtime"],
         "pools": {"llm": {"deployment": {"ray_actor_options": {"num_cpus": 0.1}}}},
-        "llm": [{"name": CACHED, **common}, {"name": UNCACHED, **common, "prefix_cache_size": 0}],
+        "llm": [{"name": CACHED, **common}, {"name": UNCACHED, **common, "prefix_cache_size": 0},
+                # adaptive: false, so every step with a draft verifies it whatever this machine measures
+                {"name": SPECULATIVE, **common, "speculative": {"method": "prompt_lookup", "adaptive": False}}],
     }
     serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
     yield f"{serve_instance}/{APP}"
@@ -92,3 +95,15 @@ def test_a_long_prefill_sends_keep_alive_comments(app, sdk):
     # The SDK skips the comments.
     text = "".join(c.choices[0].delta.content or "" for c in sdk.chat.completions.create(**body) if c.choices)
     assert text
+
+
+def test_a_speculating_model_streams_the_same_greedy_answers(sdk):
+    passage = "The ferry left the harbour at noon, crossed the bay in an hour and docked beside the old market."
+    texts = []
+    for prompt in (f"Repeat this text exactly: {passage}", "What is the capital of France?"):
+        messages = [{"role": "user", "content": prompt}]
+        stream = sdk.chat.completions.create(model=SPECULATIVE, messages=messages, max_tokens=48, temperature=0, stream=True)
+        texts.append("".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices))
+        reference = sdk.chat.completions.create(model=UNCACHED, messages=messages, max_tokens=48, temperature=0)
+        assert texts[-1] == reference.choices[0].message.content
+    assert passage[:40] in texts[0] and "Paris" in texts[1]  # the model's real answers
