@@ -96,6 +96,14 @@ def _template(value: str | None) -> str | None:
     return value
 
 
+def _draft_path(entry: LLMEntry) -> Path | None:
+    spec = entry.speculative
+    if spec is None or spec.draft_model is None:
+        return None
+    dequantize = mlx_uses_cpu_backend() if entry.dequantize == "auto" else entry.dequantize
+    return resolve_llm(spec.draft_model, dequantize=dequantize, sha256=spec.draft_sha256)
+
+
 def _kv_budget(entry: LLMEntry) -> int:
     return int((physical_memory_bytes() / 4) if entry.kv_cache_gb == "auto" else entry.kv_cache_gb * _GB)
 
@@ -167,7 +175,10 @@ class LLMModel:
             prefix_cache_disk_bytes=int(entry.prefix_cache_disk_gb * _GB),
             kv_bits=entry.kv_bits,
             kv_group_size=entry.kv_group_size,
-            speculative=None if entry.speculative is None else SpeculativeConfig(**entry.speculative.model_dump(exclude={"method"})),
+            speculative=None if entry.speculative is None else SpeculativeConfig(
+                **entry.speculative.model_dump(exclude={"method", "draft_model", "draft_sha256"})
+            ),
+            draft_model=_draft_path(entry),
         )
         engine = self.engine
         self.output = ModelOutput(

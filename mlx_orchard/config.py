@@ -100,9 +100,13 @@ class SpeculativeOptions(Strict):
     """Speculative decoding inside the continuous batch, for greedy requests (their answers
     do not change). Each step verifies drafts only where that has been measured faster."""
 
-    method: Literal["prompt_lookup"] = Field(
-        "prompt_lookup", description="prompt_lookup: draft what followed the same n-gram earlier in the context"
+    method: Literal["prompt_lookup", "draft_model"] = Field(
+        "prompt_lookup",
+        description="prompt_lookup: draft what followed the same n-gram earlier in the context; "
+        "draft_model: a smaller model of the same vocabulary drafts",
     )
+    draft_model: str | None = Field(None, description="draft_model's source (like a model's `source`)")
+    draft_sha256: str | None = Field(None, description="the draft model file's checksum, where its source is one file")
     num_draft_tokens: int = Field(4, ge=1, le=32, description="most tokens drafted per sequence per step")
     ngram_max: int = Field(4, ge=1, le=16, description="longest context suffix looked up")
     ngram_min: int = Field(2, ge=1, le=16, description="shortest context suffix looked up")
@@ -112,6 +116,8 @@ class SpeculativeOptions(Strict):
     def _ngram_range(self):
         if self.ngram_min > self.ngram_max:
             raise ValueError("ngram_min must not exceed ngram_max")
+        if (self.method == "draft_model") != (self.draft_model is not None):
+            raise ValueError("draft_model names the draft model exactly when method is draft_model")
         return self
 
 

@@ -16,7 +16,8 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_orchard.engines.quantized_kv import as_quantized
 from mlx_orchard.engines.speculative import (
-    PromptLookup,
+    DraftModelProposer,
+    Proposer,
     SpeculativeConfig,
     SpeculativeGenerationBatch,
     SpeculativeStats,
@@ -71,7 +72,7 @@ class MlxLmBatch:
     def __init__(self, model: Any, *, stop_tokens: list[list[int]], completion_batch_size: int,
                  prefill_batch_size: int, prefill_step_size: int,
                  speculative: SpeculativeConfig | None = None,
-                 kv_quantization: tuple[int, int] | None = None):
+                 kv_quantization: tuple[int, int] | None = None, draft_model: Any = None, vocab_size: int = 0):
         from mlx_lm.generate import BatchGenerator
 
         self._generator = BatchGenerator(
@@ -84,10 +85,11 @@ class MlxLmBatch:
         self._speculative = speculative
         self._model = model
         self._kv_quantization = kv_quantization  # (group size, bits)
-        self._drafters: dict[int, PromptLookup] = {}
+        self._drafters: Proposer | None = None
         self._stats: SpeculativeStats | None = None
         if speculative is not None:
             self._stats = SpeculativeStats()
+            self._drafters = DraftModelProposer(speculative, draft_model, vocab_size) if draft_model is not None else Proposer(speculative)
             # The generator's (empty) generation batch, swapped for one that verifies drafts;
             # batches leaving prefill are merged into it, so it keeps its class.
             self._generator._generation_batch = SpeculativeGenerationBatch.empty_with(
@@ -113,10 +115,10 @@ class MlxLmBatch:
             samplers=samplers,
             logits_processors=logits_processors,
         )
-        if self._speculative is not None:
+        if self._drafters is not None:
             for uid, wanted in zip(uids, speculate or []):
                 if wanted:
-                    self._drafters[uid] = PromptLookup(self._speculative)
+                    self._drafters.add(uid)
         return uids
 
     def step(self) -> list[StepToken]:
@@ -124,7 +126,7 @@ class MlxLmBatch:
         if self._drafters:
             for r in responses:
                 if r.finish_reason:
-                    self._drafters.pop(r.uid, None)
+                    self._drafters.discard(r.uid)
         return [
             StepToken(
                 r.uid,
@@ -139,8 +141,9 @@ class MlxLmBatch:
 
     def remove(self, uids: list[int]) -> None:
         self._generator.remove(uids)
-        for uid in uids:
-            self._drafters.pop(uid, None)
+        if self._drafters is not None:
+            for uid in uids:
+                self._drafters.discard(uid)
 
     def extract_cache(self, uid: int) -> tuple[list, list[int]]:
         cache, tokens = self._generator.extract_cache([uid])[uid]

@@ -187,6 +187,7 @@ class LLMEngine:
         prefix_cache_dir: str | Path | None = None,
         prefix_cache_disk_bytes: int = 0,
         speculative: SpeculativeConfig | None = None,
+        draft_model: str | Path | None = None,
         kv_bits: int | None = None,
         kv_group_size: int = 64,
     ):
@@ -212,7 +213,8 @@ class LLMEngine:
         self.max_waiting = max_waiting
         self.max_queue_wait_s = max_queue_wait_s
         self.kv_budget = kv_cache_bytes
-        self.speculative = speculative  # prompt lookup for greedy sequences (off: None)
+        self.speculative = speculative  # drafts for greedy sequences (off: None) ...
+        self.draft_model_path = str(draft_model) if draft_model else None  # ... by this model, else by prompt lookup
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size  # quantized KV cache (off: None)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._running: dict[int, _Sequence] = {}
@@ -265,6 +267,7 @@ class LLMEngine:
         if self.kv_bits and head_dim and head_dim % self.kv_group_size:
             raise ValueError(f"kv_group_size {self.kv_group_size} does not divide this model's head size ({head_dim})")
         self.kv_bytes_per_token = self._measure_kv_bytes_per_token()
+        self._draft_model = self._load_draft(hf) if self.speculative is not None and self.draft_model_path else None
         self._make_generator = lambda: MlxLmBatch(
             self.model,
             stop_tokens=[[t] for t in self.eos_token_ids],
@@ -273,6 +276,8 @@ class LLMEngine:
             prefill_step_size=self.prefill_step_size,
             speculative=self.speculative,
             kv_quantization=(self.kv_group_size, self.kv_bits) if self.kv_bits else None,
+            draft_model=self._draft_model,
+            vocab_size=self.vocab_size,
         )
         self._generator: BatchBackend = self._make_generator()
         # KV caches of finished sequences, found again by longest common token prefix: chat
@@ -287,6 +292,18 @@ class LLMEngine:
                 self._disk = DiskPrefixCache(Path(self.prefix_cache_dir) / self._model_identity(), self.prefix_cache_disk_bytes)
             except OSError:
                 logger.exception("the prefix cache's disk tier is off: its directory is not usable")
+
+    def _load_draft(self, hf: Any) -> Any:
+        """The draft model for speculation: it must speak the same vocabulary."""
+        from mlx_lm import load
+
+        assert self.draft_model_path is not None
+        draft, tokenizer = load(self.draft_model_path)[:2]
+        if tokenizer._tokenizer.get_vocab() != hf.get_vocab():
+            raise ValueError(f"the draft model {self.draft_model_path} has another vocabulary than {self.model_path}")
+        if not plain_kv_cache(draft):
+            raise ValueError(f"the draft model {self.draft_model_path} keeps no plain KV cache; it cannot draft")
+        return draft
 
     def _model_identity(self) -> str:
         """A key for this model's weights (path, config, weight file sizes and times), so a

@@ -22,12 +22,14 @@ the prompt (editing, extraction, code changes).
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationBatch
+from mlx_lm.models.cache import make_prompt_cache
 
 
 @dataclass(frozen=True)
@@ -45,19 +47,14 @@ class SpeculativeStats:
     accepted: int = 0  # of those, tokens the model agreed with
 
 
-class PromptLookup:
-    """Drafts the tokens that followed the latest earlier occurrence of the context's last
-    n tokens (longest n first). The index is built incrementally as the context grows.
-
-    Its draft length follows its record: twice as long after a draft accepted whole, the accepted
-    length + 1 after a miss; a sequence whose drafts keep missing (free text that only
-    repeats short phrases) stops drafting and tries again now and then, since every row of
-    a verifying step pays for the longest draft in it."""
+class DraftRecord:
+    """A sequence's draft length, from its record: twice as long after a draft accepted
+    whole, the accepted length + 1 after a miss. A sequence whose drafts keep missing (free
+    text that only repeats short phrases) stops drafting and tries again now and then, since
+    every row of a verifying step pays for the longest draft in it."""
 
     def __init__(self, config: SpeculativeConfig):
         self.config = config
-        self._index: dict[tuple[int, ...], int] = {}  # n-gram -> position of its last token
-        self._indexed = 0  # n-grams ending before this position are in the index
         self.length = config.num_draft_tokens
         self.rate = 0.5  # accepted / drafted, a moving average
         self._resting = 0  # steps left without drafting
@@ -71,9 +68,26 @@ class PromptLookup:
         if self.rate < 0.2:
             self._resting, self.rate = 8, 0.3  # back after a rest, on probation
 
-    def draft(self, context: list[int]) -> list[int]:
+    def wanted(self) -> int:
+        """Tokens to draft this step (0 while resting)."""
         if self._resting:
             self._resting -= 1
+            return 0
+        return self.length
+
+
+class PromptLookup(DraftRecord):
+    """Drafts the tokens that followed the latest earlier occurrence of the context's last
+    n tokens (longest n first). The index is built incrementally as the context grows."""
+
+    def __init__(self, config: SpeculativeConfig):
+        super().__init__(config)
+        self._index: dict[tuple[int, ...], int] = {}  # n-gram -> position of its last token
+        self._indexed = 0  # n-grams ending before this position are in the index
+
+    def draft(self, context: list[int]) -> list[int]:
+        length = self.wanted()
+        if not length:
             return []
         cfg, end = self.config, len(context)
         # Index every n-gram that ends before the last token: the suffix itself must
@@ -86,8 +100,101 @@ class PromptLookup:
         for n in range(min(cfg.ngram_max, end), cfg.ngram_min - 1, -1):
             at = self._index.get(tuple(context[end - n :]))
             if at is not None:
-                return context[at + 1 : at + 1 + self.length]
+                return context[at + 1 : at + 1 + length]
         return []
+
+
+class Proposer:
+    """The sequences that draft (by uid) and their drafts, for the batch's verifying step."""
+
+    def __init__(self, config: SpeculativeConfig):
+        self.config = config
+        self.sequences: dict[int, Any] = {}
+
+    def __contains__(self, uid: int) -> bool:
+        return uid in self.sequences
+
+    def __bool__(self) -> bool:
+        return bool(self.sequences)
+
+    def add(self, uid: int) -> None:
+        self.sequences[uid] = PromptLookup(self.config)
+
+    def discard(self, uid: int) -> None:
+        self.sequences.pop(uid, None)
+
+    def propose(self, uids: list[int], contexts: list[list[int]]) -> list[list[int]]:
+        return [self.sequences[uid].draft(c) if uid in self.sequences else [] for uid, c in zip(uids, contexts)]
+
+    def record(self, uid: int, drafted: int, accepted: int) -> None:
+        self.sequences[uid].record(drafted, accepted)
+
+
+class _DraftModelSequence(DraftRecord):
+    def __init__(self, config: SpeculativeConfig):
+        super().__init__(config)
+        self.cache: list | None = None  # the draft model's KV of this sequence ...
+        self.held = 0  # ... holding this many context tokens (then ``fed`` drafts)
+        self.fed = 0
+
+
+class DraftModelProposer(Proposer):
+    """Drafts with a smaller model of the same vocabulary, greedily, for every drafting row
+    at once: each sequence's draft KV cache is merged into a batch, catches up on the tokens
+    its sequence gained since its last draft (its whole prompt the first time, right-padded
+    like a prefill), drafts k tokens, and goes back to the sequence, cut back to what the
+    verifying step accepts."""
+
+    def __init__(self, config: SpeculativeConfig, draft_model: Any, vocab_size: int):
+        super().__init__(config)
+        self.model = draft_model
+        self.vocab_size = vocab_size  # the target model's: drafts become its input ids
+
+    def add(self, uid: int) -> None:
+        self.sequences[uid] = _DraftModelSequence(self.config)
+
+    def propose(self, uids: list[int], contexts: list[list[int]]) -> list[list[int]]:
+        rows = [(i, self.sequences[uid], 0) for i, uid in enumerate(uids) if uid in self.sequences]
+        rows = [(i, seq, seq.wanted()) for i, seq, _ in rows]
+        rows = [(i, seq, want) for i, seq, want in rows if want]
+        drafts: list[list[int]] = [[] for _ in uids]
+        if not rows:
+            return drafts
+        k = max(want for _, _, want in rows)
+        caches = [seq.cache if seq.cache is not None else make_prompt_cache(self.model) for _, seq, _ in rows]
+        batch = [type(layer[0]).merge(list(layer)) for layer in zip(*caches)]
+        news = [contexts[i][seq.held :] for i, seq, _ in rows]
+        lengths = [len(n) for n in news]
+        longest = max(lengths)
+        inputs = mx.array([n + [0] * (longest - len(n)) for n in news])
+        if longest > min(lengths):
+            for c in batch:
+                c.prepare(right_padding=[longest - n for n in lengths])
+        logits = self.model(inputs, cache=batch)
+        if longest > min(lengths):
+            for c in batch:
+                c.finalize()
+        token = mx.argmax(logits[mx.arange(len(rows)), mx.array(lengths) - 1], axis=-1)
+        out = [token]
+        for _ in range(k - 1):
+            token = mx.argmax(self.model(token[:, None], cache=batch)[:, -1], axis=-1)
+            out.append(token)
+        drafted: list[list[int]] = mx.stack(out, axis=1).tolist()  # type: ignore[assignment]
+        for row, ((i, seq, want), tokens) in enumerate(zip(rows, drafted)):
+            seq.cache = [c.extract(row) for c in batch]
+            seq.held, seq.fed = len(contexts[i]), k - 1  # the last draft was never fed
+            # A draft model's padded vocabulary rows are not the target's tokens: cut there.
+            drafts[i] = list(itertools.takewhile(lambda t: t < self.vocab_size, tokens[:want]))
+        return drafts
+
+    def record(self, uid: int, drafted: int, accepted: int) -> None:
+        seq = self.sequences[uid]
+        seq.record(drafted, accepted)
+        keep = min(accepted, seq.fed)  # drafts in the cache that the model accepted
+        if seq.cache is not None and seq.fed > keep:
+            for c in seq.cache:
+                c.trim(seq.fed - keep)
+        seq.held, seq.fed = seq.held + keep, 0
 
 
 class StepPolicy:
@@ -121,15 +228,15 @@ class StepPolicy:
 
 class SpeculativeGenerationBatch(GenerationBatch):
     """``GenerationBatch`` whose step verifies prompt-lookup drafts for the sequences in
-    ``drafters`` (keyed by uid; the backend adds and removes them)."""
+    ``drafters`` (by uid; the backend adds and removes them)."""
 
-    drafters: dict[int, PromptLookup]
+    drafters: Proposer
     stats: SpeculativeStats
     policy: StepPolicy
     _verified_last: bool  # the previous step verified drafts
 
     @classmethod
-    def empty_with(cls, model: Any, fallback_sampler: Any, drafters: dict, stats: SpeculativeStats, adaptive: bool):
+    def empty_with(cls, model: Any, fallback_sampler: Any, drafters: Proposer, stats: SpeculativeStats, adaptive: bool):
         batch = cls.empty(model, fallback_sampler)
         batch.drafters, batch.stats, batch._verified_last = drafters, stats, False
         batch.policy = StepPolicy(adaptive)
@@ -150,10 +257,7 @@ class SpeculativeGenerationBatch(GenerationBatch):
         mx.eval(self._next_tokens)  # after a plain step, its forward pass is still running
         started = time.perf_counter()
         pending: list[int] = self._next_tokens.tolist()  # type: ignore[assignment]
-        drafts = [
-            self.drafters[uid].draft(self.tokens[i] + [pending[i]]) if uid in self.drafters else []
-            for i, uid in enumerate(self.uids)
-        ]
+        drafts = self.drafters.propose(self.uids, [tokens + [y] for tokens, y in zip(self.tokens, pending)])
         if not any(drafts):
             return self._plain()
         responses = self._verify(pending, drafts)
@@ -204,7 +308,7 @@ class SpeculativeGenerationBatch(GenerationBatch):
                         break
                     accepted += 1
                 if drafts[e]:
-                    self.drafters[self.uids[e]].record(len(drafts[e]), accepted)
+                    self.drafters.record(self.uids[e], len(drafts[e]), accepted)
                 self.stats.drafted += len(drafts[e])
                 self.stats.accepted += accepted
                 emitted.append([pending[e], *drafts[e][:accepted]])

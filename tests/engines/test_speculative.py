@@ -139,3 +139,42 @@ async def test_the_prefix_cache_keeps_what_a_speculating_sequence_held(engines):
     assert stream.cached_tokens > 0
     again = "".join([c.text async for c in stream])
     assert again == first[1] == (await answer(plain, COPYING[1], SamplingParams(max_tokens=9, temperature=0)))[1]
+
+
+# ---- a draft model drafts (the same batch step verifies) ----
+
+
+async def test_a_draft_model_keeps_greedy_answers_alone_and_in_a_batch(smollm2_dir, engines, tmp_path):
+    """Two drafts of SmolLM2's vocabulary: itself (drafts mostly accepted) and a random
+    2-layer model (drafts mostly rejected: every rollback path); answers equal plain decoding."""
+    from tests.tiny_models import write_tiny_llama
+
+    plain, _ = engines
+    tiny = write_tiny_llama(tmp_path / "tiny", smollm2_dir, seed=3)
+    texts = PROMPTS[:4] + PROMPTS[10:14]
+    expected = [await answer(plain, t) for t in texts]
+    for draft, least_acceptance in ((smollm2_dir, 0.8), (tiny, 0.0)):
+        engine = LLMEngine(smollm2_dir, max_batch_size=16, prefix_cache_size=0, draft_model=draft,
+                           speculative=SpeculativeConfig(adaptive=False))
+        try:
+            assert [await answer(engine, t) for t in texts[:2]] == expected[:2]
+            assert list(await asyncio.gather(*(answer(engine, t) for t in texts))) == expected
+            stats = engine.stats()
+            assert stats.draft_tokens > 0 and stats.accepted_tokens >= least_acceptance * stats.draft_tokens
+        finally:
+            engine.shutdown()
+
+
+async def test_a_draft_model_of_another_vocabulary_is_refused(smollm2_dir, tmp_path):
+    import json
+
+    from tests.tiny_models import write_tiny_llama
+
+    other = write_tiny_llama(tmp_path / "other", smollm2_dir, seed=4)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    added = spec["added_tokens"][-1]  # a special token no merge uses, spelled otherwise
+    spec["model"]["vocab"]["<|other|>"] = spec["model"]["vocab"].pop(added["content"])
+    added["content"] = "<|other|>"
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="another vocabulary"):
+        LLMEngine(smollm2_dir, draft_model=other, speculative=SpeculativeConfig())
