@@ -161,7 +161,9 @@ class DraftModelProposer(Proposer):
         if not rows:
             return drafts
         k = max(want for _, _, want in rows)
-        caches = [seq.cache if seq.cache is not None else make_prompt_cache(self.model) for _, seq, _ in rows]
+        for i, seq, _ in rows:
+            self._catch_up(seq, contexts[i])
+        caches = [seq.cache for _, seq, _ in rows]
         batch = [type(layer[0]).merge(list(layer)) for layer in zip(*caches)]
         news = [contexts[i][seq.held :] for i, seq, _ in rows]
         lengths = [len(n) for n in news]
@@ -186,6 +188,23 @@ class DraftModelProposer(Proposer):
             # A draft model's padded vocabulary rows are not the target's tokens: cut there.
             drafts[i] = list(itertools.takewhile(lambda t: t < self.vocab_size, tokens[:want]))
         return drafts
+
+    CHUNK = 512  # a long catch-up (a prompt) runs alone, in prefill-sized chunks
+
+    def _catch_up(self, seq: _DraftModelSequence, context: list[int]) -> None:
+        """Drafts fed last time that no verification judged go; a long stretch of new
+        context is prefilled alone, leaving a few tokens for the batched step."""
+        if seq.cache is None:
+            seq.cache = make_prompt_cache(self.model)
+        if seq.fed:
+            for c in seq.cache:
+                c.trim(seq.fed)
+            seq.fed = 0
+        while len(context) - seq.held > self.CHUNK:
+            chunk = context[seq.held : seq.held + self.CHUNK]
+            self.model(mx.array([chunk]), cache=seq.cache)
+            mx.eval([c.state for c in seq.cache])
+            seq.held += len(chunk)
 
     def record(self, uid: int, drafted: int, accepted: int) -> None:
         seq = self.sequences[uid]

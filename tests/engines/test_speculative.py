@@ -151,7 +151,8 @@ async def test_a_draft_model_keeps_greedy_answers_alone_and_in_a_batch(smollm2_d
 
     plain, _ = engines
     tiny = write_tiny_llama(tmp_path / "tiny", smollm2_dir, seed=3)
-    texts = PROMPTS[:4] + PROMPTS[10:14]
+    # the last one longer than a draft catch-up chunk (512 tokens): prefilled alone first
+    texts = PROMPTS[:4] + PROMPTS[10:14] + [f"Copy the first sentence of this text: {PASSAGE * 14}"]
     expected = [await answer(plain, t) for t in texts]
     for draft, least_acceptance in ((smollm2_dir, 0.8), (tiny, 0.0)):
         engine = LLMEngine(smollm2_dir, max_batch_size=16, prefix_cache_size=0, draft_model=draft,
