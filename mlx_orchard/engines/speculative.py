@@ -1,4 +1,4 @@
-"""Speculative decoding inside the continuous batch (prompt lookup).
+"""Speculative decoding inside the continuous batch (prompt lookup or a draft model).
 
 mlx-lm speculates for one sequence at a time (``speculative_generate_step``) and its
 ``BatchGenerator`` steps every sequence by exactly one token. Here the batch's generation
@@ -17,7 +17,8 @@ grammar, share the same steps without drafting.
 
 Drafts come from prompt lookup (n-gram matching against the sequence's own context, as in
 vLLM's ``ngram`` proposer): no draft model, and large gains where the answer copies from
-the prompt (editing, extraction, code changes).
+the prompt (editing, extraction, code changes). Or from a smaller draft model of the same
+vocabulary (``DraftModelProposer``), greedily, for all drafting sequences in one batch.
 """
 
 from __future__ import annotations
@@ -246,8 +247,8 @@ class StepPolicy:
 
 
 class SpeculativeGenerationBatch(GenerationBatch):
-    """``GenerationBatch`` whose step verifies prompt-lookup drafts for the sequences in
-    ``drafters`` (by uid; the backend adds and removes them)."""
+    """``GenerationBatch`` whose step verifies the drafts (prompt lookup or a draft model)
+    of the sequences in ``drafters`` (by uid; the backend adds and removes them)."""
 
     drafters: Proposer
     stats: SpeculativeStats
