@@ -1,0 +1,164 @@
+"""Images a client sends (``image_url`` parts, Responses ``input_image``): data URLs decoded,
+http(s) URLs fetched, both bounded, then decoded by Pillow. Plain Python, no Ray.
+
+Every limit is checked before the work it bounds: a data URL's length before base64 is
+decoded, a download's bytes while they arrive, an image's pixel count from its header before
+its pixels are decoded (a small PNG can declare 100k x 100k). Fetching is the ingress's: the
+client names the URL, so by default addresses in private, loopback, link-local and reserved
+ranges are refused (no server-side request forgery into the user's network), at every
+redirect hop; ``allow_private_networks`` lifts that for a trusted LAN. Any failure is a 400
+that says what was wrong with which image, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import io
+import ipaddress
+import socket
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+from PIL import Image, UnidentifiedImageError
+
+from mlx_orchard.errors import InvalidRequestError
+
+FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "GIF": "gif"}  # Pillow's name -> ours
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 20 << 20  # encoded, per image
+    max_pixels: int = 40_000_000  # width x height
+    timeout_s: float = 10.0  # a whole fetch, redirects included
+    max_redirects: int = 3
+    allow_private_networks: bool = False
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    image: Image.Image  # RGB, first frame
+    sha256: str  # of the decoded pixels and size: the same picture in another encoding is the same image
+    format: str  # png | jpeg | webp | gif
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+
+class ImageError(InvalidRequestError):
+    """A client's image that cannot be used (400)."""
+
+
+async def load_image(url: str, limits: ImageLimits, *, param: str = "messages",
+                     client: httpx.AsyncClient | None = None) -> LoadedImage:
+    """The image at ``url`` (a data URL or http(s)), decoded within ``limits``."""
+    if not isinstance(url, str) or not url:
+        raise ImageError("an image needs a url", param=param)
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "data":
+        data = _data_url_bytes(url, limits, param)
+    elif scheme in ("http", "https"):
+        data = await _fetch(url, limits, param, client)
+    else:
+        raise ImageError(f"image urls must be data: or http(s): urls, not {scheme!r}", param=param)
+    return await asyncio.to_thread(decode_image, data, limits, param)
+
+
+def _data_url_bytes(url: str, limits: ImageLimits, param: str) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep or not header.lower().startswith("data:image/") or not header.lower().endswith(";base64"):
+        raise ImageError("a data url image must look like data:image/<type>;base64,<data>", param=param)
+    if len(payload) > limits.max_bytes * 4 // 3 + 4:
+        raise ImageError(f"the image is larger than {limits.max_bytes} bytes", param=param, code="image_too_large")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("the data url's image is not valid base64", param=param) from None
+
+
+def decode_image(data: bytes, limits: ImageLimits, param: str = "messages") -> LoadedImage:
+    """Bytes -> an RGB image, its pixel count checked from the header before decoding."""
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"the image is larger than {limits.max_bytes} bytes", param=param, code="image_too_large")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format not in FORMATS:
+                raise ImageError(f"unsupported image format {img.format}; send png, jpeg, webp or gif", param=param)
+            width, height = img.size
+            if width < 1 or height < 1 or width * height > limits.max_pixels:
+                raise ImageError(f"the image is {width}x{height} pixels; at most {limits.max_pixels} pixels are accepted",
+                                 param=param, code="image_too_large")
+            img.seek(0)  # a GIF's (or animated WebP's) first frame
+            rgb = img.convert("RGB")
+            rgb.load()
+            fmt = FORMATS[img.format]
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageError(f"the image could not be decoded ({type(e).__name__})", param=param) from None
+    digest = hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
+    return LoadedImage(rgb, digest, fmt)
+
+
+async def _fetch(url: str, limits: ImageLimits, param: str, client: httpx.AsyncClient | None) -> bytes:
+    own = client is None
+    client = client or httpx.AsyncClient(follow_redirects=False)
+    try:
+        return await asyncio.wait_for(_follow(url, limits, param, client), limits.timeout_s)
+    except TimeoutError:
+        raise ImageError(f"fetching the image took longer than {limits.timeout_s:g} s", param=param) from None
+    finally:
+        if own:
+            await client.aclose()
+
+
+async def _follow(url: str, limits: ImageLimits, param: str, client: httpx.AsyncClient) -> bytes:
+    for _ in range(limits.max_redirects + 1):
+        await _check_address(url, limits, param)
+        try:
+            async with client.stream("GET", url, headers={"accept": "image/*"}) as r:
+                if r.is_redirect and "location" in r.headers:
+                    url = urljoin(url, r.headers["location"])
+                    if urlsplit(url).scheme not in ("http", "https"):
+                        raise ImageError("the image url redirects to a non-http url", param=param)
+                    continue
+                if r.status_code != 200:
+                    raise ImageError(f"fetching the image failed: HTTP {r.status_code}", param=param)
+                declared = r.headers.get("content-length")
+                if declared is not None and declared.isdigit() and int(declared) > limits.max_bytes:
+                    raise ImageError(f"the image is larger than {limits.max_bytes} bytes", param=param, code="image_too_large")
+                body = bytearray()
+                async for chunk in r.aiter_bytes():
+                    body += chunk
+                    if len(body) > limits.max_bytes:
+                        raise ImageError(f"the image is larger than {limits.max_bytes} bytes", param=param,
+                                         code="image_too_large")
+                return bytes(body)
+        except httpx.HTTPError as e:
+            raise ImageError(f"fetching the image failed: {type(e).__name__}", param=param) from None
+    raise ImageError(f"the image url redirects more than {limits.max_redirects} times", param=param)
+
+
+async def _check_address(url: str, limits: ImageLimits, param: str) -> None:
+    """Refuse hosts in private, loopback, link-local, reserved or multicast ranges (every
+    address the name resolves to), unless the config allows private networks."""
+    parts = urlsplit(url)
+    host = parts.hostname
+    if not host:
+        raise ImageError("the image url has no host", param=param)
+    if limits.allow_private_networks:
+        return
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+    except OSError:
+        raise ImageError(f"the image url's host {host!r} cannot be resolved", param=param) from None
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        if not address.is_global or address.is_multicast:
+            raise ImageError(f"the image url's host {host!r} is in a private or reserved address range, which this "
+                             "server does not fetch from", param=param, code="image_url_forbidden")
