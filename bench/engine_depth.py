@@ -7,6 +7,9 @@ off), ``max_batch_size`` 16:
 
 - **agent loop**: a five-turn tool-using conversation (forced call, tool result, answer per
   turn), streamed; TTFT of each model call, turn 5's answer vs turn 1's, cache on and off.
+- **vs mlx_lm.server** (``--mlx-lm-server``): one agent conversation is recorded, then its
+  answer requests are replayed turn by turn on Orchard (prefix cache on) and on
+  mlx_lm.server (its own prompt cache; given the same chat template), TTFT per turn.
 - **priority**: 16 background streams (128 tokens) fill the batch; an interactive request
   (8 tokens) every 0.5 s; its TTFT p50 when everything has priority 0, when the background
   has priority 10, and on an idle server. An interactive request shed with 503 (it waited
@@ -63,7 +66,7 @@ async def ttft(client: httpx.AsyncClient, base: str, body: dict) -> tuple[float,
     return first if first is not None else time.perf_counter() - t0, message
 
 
-async def agent_loop(base: str, model: str, tag: str) -> list[float]:
+async def agent_loop(base: str, model: str, tag: str, record: list | None = None) -> list[float]:
     messages: list[dict] = [{"role": "system", "content": f"{tag} You are a weather assistant. Use the tool."}]
     out = []
     async with httpx.AsyncClient(timeout=300) as client:
@@ -74,12 +77,21 @@ async def agent_loop(base: str, model: str, tag: str) -> list[float]:
             messages.append(message)
             call_id = message["tool_calls"][0]["id"]
             messages.append({"role": "tool", "tool_call_id": call_id, "content": json.dumps({"temperature": 20})})
+            if record is not None:  # the answer request of each turn, to replay on another server
+                record.append(json.loads(json.dumps(messages)))
             t2, answer = await ttft(client, base, {"model": model, "messages": messages, "tools": [TOOL], "max_tokens": 12,
                                                    "temperature": 0})
             messages.append({"role": "assistant", "content": answer["content"]})
             out.append(t2)  # the answer turn: its prompt holds everything so far
             del t
     return out
+
+
+async def replay(base: str, model: str, turns: list[list[dict]]) -> list[float]:
+    """TTFT of each recorded answer request, in order (one conversation, as an agent sends it)."""
+    async with httpx.AsyncClient(timeout=300) as client:
+        return [(await ttft(client, base, {"model": model, "messages": messages, "tools": [TOOL], "max_tokens": 12,
+                                           "temperature": 0}))[0] for messages in turns]
 
 
 async def priority_run(base: str, model: str, background: int, background_priority: int, interactive: int) -> list[float | None]:
@@ -115,10 +127,17 @@ async def priority_run(base: str, model: str, background: int, background_priori
         return times
 
 
+def _retag(messages: list[dict], tag: str) -> list[dict]:
+    """The conversation under a new system tag: each round starts cold in every cache."""
+    return [{**messages[0], "content": f"{tag} {messages[0]['content']}"}, *messages[1:]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--interactive", type=int, default=8, help="interactive requests per priority scenario and round")
+    ap.add_argument("--mlx-lm-server", action="store_true",
+                    help="also replay the agent loop's answer requests on mlx_lm.server and on Orchard")
     args = ap.parse_args()
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     llm = config["applications"][0]["args"]["llm"][0]
@@ -127,6 +146,7 @@ def main() -> None:
                                                 {**base_entry, "name": "nocache", "prefix_cache_size": 0, "aliases": []}]
     agent: dict[str, list[list[float]]] = {"cached": [], "nocache": []}
     prio: dict[str, list[float | None]] = {"idle": [], "no priorities": [], "background priority 10": []}
+    peers: dict[str, list[list[float]]] = {"orchard": [], "mlx_lm.server": []}
     with tempfile.TemporaryDirectory(prefix="orchard-depth-") as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -136,6 +156,11 @@ def main() -> None:
         with server:
             log(f"ready in {server.wait_ready(base, 'cached'):.0f}s")
             asyncio.run(agent_loop(base, "cached", "warm-up"))
+            if args.mlx_lm_server:
+                recorded: list[list[dict]] = []
+                asyncio.run(agent_loop(base, "nocache", "Replayed.", recorded))
+                for i in range(args.rounds):
+                    peers["orchard"].append(asyncio.run(replay(base, "cached", [_retag(m, f"Replay {i}.") for m in recorded])))
             for i in range(args.rounds):
                 for model in (["cached", "nocache"] if i % 2 == 0 else ["nocache", "cached"]):
                     agent[model].append(asyncio.run(agent_loop(base, model, f"Session {i}.")))
@@ -143,6 +168,19 @@ def main() -> None:
                 prio["no priorities"] += asyncio.run(priority_run(base, "cached", 16, 0, args.interactive))
                 prio["background priority 10"] += asyncio.run(priority_run(base, "cached", 16, 10, args.interactive))
                 log(f"round {i} done")
+        if args.mlx_lm_server:
+            from bench.compare_llm import mlx_lm_server, model_dir
+
+            port = free_port()
+            peer = mlx_lm_server(model_dir(ROOT / "serve_config.yaml")[1], port)
+            # The template Orchard renders tools with (SmolLM2's own has none): the same prompts.
+            peer.cmd += ["--chat-template", (ROOT / "mlx_orchard" / "templates" / "smollm2-tools.jinja").read_text()]
+            with peer:
+                peer_base = f"http://127.0.0.1:{port}/v1"
+                peer.wait_ready(peer_base, "default_model")
+                for i in range(args.rounds):
+                    peers["mlx_lm.server"].append(
+                        asyncio.run(replay(peer_base, "default_model", [_retag(m, f"Replay {i}.") for m in recorded])))
     lines = [f"# Engine depth — {datetime.now():%Y-%m-%d %H:%M}", "",
              f"Commit {_git_commit()}; {args.rounds} rounds; load average {os.getloadavg()[0]:.2f}.", "",
              "## Agent loop: TTFT of each turn's answer (ms, median over rounds)", "",
@@ -164,8 +202,16 @@ def main() -> None:
         q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
         summary[name] = {"p50": statistics.median(times), "p90": q[8], "shed": shed}
         lines.append(f"| {name} | {statistics.median(times) * 1e3:.0f} | {q[8] * 1e3:.0f} | {shed} of {len(results)} |")
+    if args.mlx_lm_server:
+        lines += ["", "## The same agent conversation replayed: TTFT of each turn's answer (ms, median over rounds)", "",
+                  "| server | " + " | ".join(f"turn {i + 1}" for i in range(len(CITIES))) + " | turn 5 / turn 1 |",
+                  "|---|" + "---:|" * (len(CITIES) + 1)]
+        for name, runs in peers.items():
+            per_turn = [statistics.median(run[t] for run in runs) for t in range(len(CITIES))]
+            summary[name] = per_turn
+            lines.append(f"| {name} | " + " | ".join(f"{x * 1e3:.0f}" for x in per_turn) + f" | {per_turn[-1] / per_turn[0]:.2f} |")
     text = "\n".join(lines) + "\n"
-    write_report("engine-depth", text, {"agent": agent, "priority": prio, "summary": summary})
+    write_report("engine-depth", text, {"agent": agent, "priority": prio, "peers": peers, "summary": summary})
     print(text)
 
 
