@@ -42,13 +42,13 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def model_dir(config_path: Path) -> tuple[str, Path]:
-    """(served name, fp32 MLX directory) of the first LLM in the Serve config."""
+def model_dir(config_path: Path, *, dequantize: bool = True) -> tuple[str, Path]:
+    """(served name, MLX directory: fp32 unless ``dequantize`` is off) of the first LLM in the Serve config."""
     from mlx_orchard.models.registry import resolve_llm
 
     config = yaml.safe_load(config_path.read_text())
     entry = config["applications"][0]["args"]["llm"][0]
-    return entry["name"], resolve_llm(entry["source"], dequantize=True, sha256=entry.get("sha256"))
+    return entry["name"], resolve_llm(entry["source"], dequantize=dequantize, sha256=entry.get("sha256"))
 
 
 def preload_env() -> dict[str, str]:

@@ -23,13 +23,10 @@ import statistics
 import time
 from datetime import datetime
 
-import yaml
-
-from bench.compare_llm import ROOT, _git_commit, log
+from bench.compare_llm import ROOT, _git_commit, log, model_dir
 from bench.family_server import write_report
 from mlx_orchard.engines.llm import LLMEngine
 from mlx_orchard.engines.sampling import SamplingParams
-from mlx_orchard.models.registry import resolve_llm
 from mlx_orchard.runtime import mlx_uses_cpu_backend
 
 SETTINGS = {"full precision": None, "kv_bits 8": 8, "kv_bits 4": 4}
@@ -57,8 +54,7 @@ async def load(engine: LLMEngine, prompt: list[int], n: int, params: SamplingPar
 
 
 async def bench(rounds: int, tokens: int) -> dict:
-    entry = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]["llm"][0]
-    path = resolve_llm(entry["source"], dequantize=mlx_uses_cpu_backend(), sha256=entry.get("sha256"))
+    path = model_dir(ROOT / "serve_config.yaml", dequantize=mlx_uses_cpu_backend())[1]
     params = SamplingParams(max_tokens=tokens, temperature=0)
     probe = LLMEngine(path, prefix_cache_size=0)
     prompt = probe.encode_chat([{"role": "user", "content": "Write a long story about a dragon who learns to sing."}])

@@ -21,14 +21,11 @@ import statistics
 import time
 from datetime import datetime
 
-import yaml
-
-from bench.compare_llm import ROOT, _git_commit, log
+from bench.compare_llm import ROOT, _git_commit, log, model_dir
 from bench.family_server import write_report
 from mlx_orchard.engines.llm import LLMEngine
 from mlx_orchard.engines.sampling import SamplingParams
 from mlx_orchard.engines.speculative import SpeculativeConfig
-from mlx_orchard.models.registry import resolve_llm
 from mlx_orchard.runtime import mlx_uses_cpu_backend
 
 SUBJECTS = ["lighthouse", "bakery", "library", "harbour", "orchard", "observatory", "market", "school",
@@ -59,8 +56,7 @@ async def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParam
 
 
 async def bench(rounds: int, tokens: int, config: SpeculativeConfig) -> dict:
-    entry = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]["llm"][0]
-    path = resolve_llm(entry["source"], dequantize=mlx_uses_cpu_backend(), sha256=entry.get("sha256"))
+    path = model_dir(ROOT / "serve_config.yaml", dequantize=mlx_uses_cpu_backend())[1]
     common = dict(max_batch_size=16, prefill_batch_size=16, prefix_cache_size=0)
     engines = {"plain": LLMEngine(path, **common), "prompt lookup": LLMEngine(path, **common, speculative=config)}
     params = SamplingParams(max_tokens=tokens, temperature=0)

@@ -66,7 +66,7 @@ class BatchBackend(Protocol):
 
 class MlxLmBatch:
     """mlx-lm's ``BatchGenerator`` as a ``BatchBackend``; with ``speculative``, its
-    generation half verifies prompt-lookup drafts (``speculative.py``); with
+    generation half verifies drafts (``speculative.py``); with
     ``kv_quantization``, sequences keep quantized KV (``quantized_kv.py``)."""
 
     def __init__(self, model: Any, *, stop_tokens: list[list[int]], completion_batch_size: int,
@@ -82,7 +82,6 @@ class MlxLmBatch:
             prefill_batch_size=prefill_batch_size,
             prefill_step_size=prefill_step_size,
         )
-        self._speculative = speculative
         self._model = model
         self._kv_quantization = kv_quantization  # (group size, bits)
         self._drafters: Proposer | None = None

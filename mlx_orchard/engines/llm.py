@@ -261,12 +261,12 @@ class LLMEngine:
         if self.kv_bits and not plain_kv:
             logger.warning("%s: kv_bits is ignored (its cache is not a plain KV cache)", self.model_path)
             self.kv_bits = None
-        head_dim = getattr(getattr(self.model, "args", None), "head_dim", None) or config.get("head_dim") or (
-            config.get("hidden_size", 0) // max(config.get("num_attention_heads", 1), 1)
-        )
-        if self.kv_bits and head_dim and head_dim % self.kv_group_size:
-            raise ValueError(f"kv_group_size {self.kv_group_size} does not divide this model's head size ({head_dim})")
-        self.kv_bytes_per_token = self._measure_kv_bytes_per_token()
+        try:
+            self.kv_bytes_per_token = self._measure_kv_bytes_per_token()
+        except ValueError as e:  # mx.quantize: the head size is not a multiple of the group size
+            if not self.kv_bits:
+                raise
+            raise ValueError(f"kv_group_size {self.kv_group_size} does not fit this model's KV heads: {e}") from e
         self._draft_model = self._load_draft(hf) if self.speculative is not None and self.draft_model_path else None
         self._make_generator = lambda: MlxLmBatch(
             self.model,

@@ -43,7 +43,6 @@ class SpeculativeConfig:
 
 @dataclass
 class SpeculativeStats:
-    steps: int = 0  # verifying steps (some row drafted)
     drafted: int = 0  # tokens proposed
     accepted: int = 0  # of those, tokens the model agreed with
 
@@ -155,9 +154,8 @@ class DraftModelProposer(Proposer):
         self.sequences[uid] = _DraftModelSequence(self.config)
 
     def propose(self, uids: list[int], contexts: list[list[int]]) -> list[list[int]]:
-        rows = [(i, self.sequences[uid], 0) for i, uid in enumerate(uids) if uid in self.sequences]
-        rows = [(i, seq, seq.wanted()) for i, seq, _ in rows]
-        rows = [(i, seq, want) for i, seq, want in rows if want]
+        wanted = [(i, self.sequences[uid]) for i, uid in enumerate(uids) if uid in self.sequences]
+        rows = [(i, seq, want) for i, seq in wanted if (want := seq.wanted())]
         drafts: list[list[int]] = [[] for _ in uids]
         if not rows:
             return drafts
@@ -170,13 +168,11 @@ class DraftModelProposer(Proposer):
         lengths = [len(n) for n in news]
         longest = max(lengths)
         inputs = mx.array([n + [0] * (longest - len(n)) for n in news])
-        if longest > min(lengths):
-            for c in batch:
-                c.prepare(right_padding=[longest - n for n in lengths])
+        for c in batch:  # right padding (none when all caught up alike) becomes masked left padding
+            c.prepare(right_padding=[longest - n for n in lengths])
         logits = self.model(inputs, cache=batch)
-        if longest > min(lengths):
-            for c in batch:
-                c.finalize()
+        for c in batch:
+            c.finalize()
         token = mx.argmax(logits[mx.arange(len(rows)), mx.array(lengths) - 1], axis=-1)
         out = [token]
         for _ in range(k - 1):
@@ -342,7 +338,6 @@ class SpeculativeGenerationBatch(GenerationBatch):
                 next_tokens.append(plain_next[e].item())  # type: ignore[arg-type]
                 next_logprobs.append(plain_logprobs[e])
                 padding.append(K)
-        self.stats.steps += 1
         self._drop_rejected(padding)
         for tokens, new in zip(self.tokens, emitted):
             tokens.extend(new)
@@ -359,9 +354,8 @@ class SpeculativeGenerationBatch(GenerationBatch):
         for c in self.prompt_cache:
             if common:
                 c.trim(common)
-            if max(padding) > common:
-                c.prepare(right_padding=[p - common for p in padding])
-                c.finalize()
+            c.prepare(right_padding=[p - common for p in padding])  # a no-op where none is left
+            c.finalize()
         mx.eval([c.state for c in self.prompt_cache])
 
     def _responses(self, emitted: list[list[int]], emitted_logprobs: list[list[mx.array]]) -> list:
