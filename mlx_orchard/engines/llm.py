@@ -150,6 +150,8 @@ class _Sequence:
     # Choices 1..n-1 of a request wait for choice 0's prefill and start from a copy of its KV.
     followers: list[_Sequence] = field(default_factory=list)
     preset: tuple[list, list[int]] | None = None  # (KV cache, the tokens it holds)
+    media: tuple = ()  # spans of the prompt whose embeddings come from images (VLMEngine)
+    prefilled_at_start: int = 0  # prompt tokens its start prefilled outside the batch (images)
     done: bool = False
     queued_at: float = 0.0
     admitted: bool = False  # has joined the batch once (told to the caller)
@@ -241,10 +243,14 @@ class LLMEngine:
 
     # ---- loading (on the engine thread: all MLX work stays on it) ----
 
-    def _load(self) -> None:
+    def _load_model(self) -> tuple[Any, Any, dict[str, Any]]:
+        """The model the batch steps, its mlx-lm tokenizer wrapper and its config."""
         from mlx_lm import load
 
-        self.model, self.tokenizer, config = load(self.model_path, return_config=True)  # type: ignore[misc]
+        return load(self.model_path, return_config=True)  # type: ignore[return-value]
+
+    def _load(self) -> None:
+        self.model, self.tokenizer, config = self._load_model()
         self.context_length = self._context_override or int(
             config.get("max_position_embeddings") or config.get("max_seq_len") or 4096
         )
@@ -445,8 +451,14 @@ class LLMEngine:
 
     # ---- the asyncio side ----
 
+    def check_media(self, prompt: Sequence[int], media: Sequence[Any]) -> None:
+        """Spans of the prompt that are not text (images): a text model takes none."""
+        if media:
+            raise InvalidRequestError("this model is a text-only model; it does not accept images", param="messages")
+
     def generate(
-        self, prompt: Sequence[int], params: SamplingParams, n: int = 1, *, waited_s: float = 0.0, priority: int = 0
+        self, prompt: Sequence[int], params: SamplingParams, n: int = 1, *, waited_s: float = 0.0, priority: int = 0,
+        media: Sequence[Any] = (),
     ) -> GenerationStream:
         """Check the request now (raising before anything is queued) and queue it. The
         returned stream says when the request joins the batch (``admitted()``) and then
@@ -463,6 +475,7 @@ class LLMEngine:
         if not 1 <= n <= self.max_batch_size:
             raise InvalidRequestError(f"n must be between 1 and {self.max_batch_size}", param="n")
         max_tokens, params = self.check_request(prompt, params)
+        self.check_media(prompt, media)
         if self._waiting + len(self._pending) >= self.max_waiting:
             raise OverloadedError("The model has too many requests waiting; retry shortly.")
         loop, out, now = asyncio.get_running_loop(), _Mailbox(), time.monotonic() - max(0.0, waited_s)
@@ -481,6 +494,7 @@ class LLMEngine:
                 admitted=i > 0,  # the request is admitted with its first choice
                 priority=priority,
                 order=next(self._arrivals),
+                media=tuple(media),
             )
             for i in range(n)
         ]
@@ -576,7 +590,7 @@ class LLMEngine:
                 self._spawn_followers(seq, r)
             self._on_token(seq, r.token, r.finish_reason, r.logprobs)
             if r.finish_reason and self._prefix_cache is not None:
-                self._remember(r.all_tokens or [], r.prompt_cache or [])
+                self._remember(self._cache_key(seq, r.all_tokens or []), r.prompt_cache or [])
         self._deliver()  # a sequence's tokens before its failure, if its sampler fails below
         self._fail_poisoned()
 
@@ -727,7 +741,7 @@ class LLMEngine:
         if self._prefix_cache is not None:
             try:
                 cache, held = self._generator.extract_cache(victim.uid)
-                self._remember(held, cache)
+                self._remember(self._cache_key(victim, held), cache)
             except Exception:  # noqa: BLE001 - it then re-prefills what it has when it resumes
                 logger.exception("could not keep a paused sequence's KV")
         self._generator.remove([victim.uid])
@@ -738,8 +752,14 @@ class LLMEngine:
         self._enqueue(victim)
         return True
 
+    def _cache_key(self, seq: _Sequence, tokens: list[int]) -> list[int]:
+        """What the prefix cache files ``tokens`` of ``seq`` under: the tokens themselves (a
+        vision engine writes its images' hashes over their placeholder tokens)."""
+        return tokens
+
     def _cached_prefix(self, tokens: list[int]) -> tuple[list | None, list[int]]:
-        """A copy of the longest cached KV prefix of ``tokens``, and the tokens still to prefill."""
+        """A copy of the longest cached KV prefix of ``tokens`` (a cache key), and the part
+        of the key still to prefill."""
         if self._prefix_cache is None:
             return None, tokens
         try:
@@ -764,7 +784,8 @@ class LLMEngine:
             cache, held = seq.preset
             seq.preset = None
             return cache, tokens[len(held) :]
-        return self._cached_prefix(tokens)
+        cache, rest = self._cached_prefix(self._cache_key(seq, tokens))
+        return cache, tokens[len(tokens) - len(rest) :]
 
     def _prepare(self, seq: _Sequence) -> None:
         """Per-sequence state, built once (a retried sequence keeps its sampler's key chain)."""
@@ -789,11 +810,23 @@ class LLMEngine:
                 self._finish_with_error(seq, EngineError(f"could not start generation: {type(e).__name__}"))
             else:
                 ready.append(seq)
+        # A re-admitted sequence continues from everything it has produced so far.
+        started, tokens, caches, rests = [], [], [], []
+        for seq in ready:
+            held = seq.prompt + seq.token_ids
+            try:
+                cache, rest = self._start_of(seq, held)
+            except Exception as e:  # noqa: BLE001 - its own start (an image prefill) failed: it fails alone
+                logger.exception("could not start a sequence")
+                self._finish_with_error(seq, EngineError(f"could not start generation: {type(e).__name__}"))
+                continue
+            started.append(seq)
+            tokens.append(held)
+            caches.append(cache)
+            rests.append(rest)
+        ready = started
         if not ready:
             return
-        # A re-admitted sequence continues from everything it has produced so far.
-        tokens = [s.prompt + s.token_ids for s in ready]
-        caches, rests = zip(*(self._start_of(s, t) for s, t in zip(ready, tokens)))
         self._prefilled += sum(len(r) for r in rests)
         try:
             uids = self._generator.insert(
@@ -815,7 +848,7 @@ class LLMEngine:
             seq.uid = uid
             seq.prefilling = True
             if not seq.completion_tokens:
-                seq.cached_tokens = len(seq.prompt) - len(rest)
+                seq.cached_tokens = len(seq.prompt) - len(rest) - seq.prefilled_at_start
             self._running[uid] = seq
             self._reserved += seq.reserve
             if not seq.admitted:
