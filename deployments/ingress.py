@@ -61,7 +61,7 @@ class Ingress:
         self._found: OrderedDict[str, Route] = OrderedDict()
         self._model_handles: dict[tuple[str, str], DeploymentHandle] = {}
 
-    async def route(self, model: str, family: str | None) -> tuple[Route, DeploymentHandle]:
+    async def route(self, model: str, family: str | tuple[str, ...] | None) -> tuple[Route, DeploymentHandle]:
         """The route of ``model`` and a handle whose calls carry it as Serve's multiplexed
         model id (so they reach a replica that has it loaded). Ids that are not configured
         are resolved by the model manager (found on disk, or downloaded when allowed)."""
@@ -73,7 +73,7 @@ class Ingress:
             self._found[model] = route
             while len(self._found) > _REMEMBERED_ROUTES:
                 self._found.popitem(last=False)
-        if family is not None and route.family != family:
+        if family is not None and route.family not in ((family,) if isinstance(family, str) else family):
             raise InvalidRequestError(
                 f"The model `{model}` is a {route.family} model and cannot serve this endpoint.",
                 param="model",
@@ -179,7 +179,8 @@ def build_api(ingress: Ingress) -> FastAPI:
 
     app.include_router(models_router(ingress))
     for family in FAMILIES:
-        app.include_router(family.router_factory()(ingress))
+        if family.router:  # a family without one is served by another family's routes
+            app.include_router(family.router_factory()(ingress))
 
     # Bodies are limited while they are read, after the key check (no reading for strangers).
     app.add_middleware(

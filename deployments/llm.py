@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -16,10 +16,11 @@ from ray.util import metrics
 
 from deployments.llm_client import merged_calls
 from deployments.multiplex import MultiplexedFamily
-from mlx_orchard.config import LLMEntry
+from mlx_orchard.config import GenerativeEntry, LLMEntry
 from mlx_orchard.engines.fair_lock import FairLock
 from mlx_orchard.engines.llm import EngineStats, GenerationChunk, LLMEngine
 from mlx_orchard.engines.speculative import SpeculativeConfig
+from mlx_orchard.errors import InvalidRequestError
 from mlx_orchard.families import PoolSpec
 from mlx_orchard.models.cache import cache_root
 from mlx_orchard.models.registry import resolve_llm
@@ -31,26 +32,22 @@ from mlx_orchard.wire import Accepted, ChoiceChunk, SamplingParams, ToolCallDelt
 _GB = 1 << 30
 
 
-@serve.deployment(name="llm", max_ongoing_requests=64, health_check_period_s=10)
-class LLMDeployment(MultiplexedFamily):
-    """The LLM pool: each loaded model has its own engine and continuous batch; the engines
-    of one replica take turns on MLX step by step."""
+class GenerativeFamily(MultiplexedFamily):
+    """A pool of text-generating models (the LLM and vision-language families): each loaded
+    model has its own engine and continuous batch; the engines of one replica take turns on
+    MLX step by step. A family names its model class and how it finds a model's files."""
 
-    family_name = "llm"
+    model_class: type[LLMModel]
 
     async def __init__(self, spec: PoolSpec, manager: DeploymentHandle | None = None):  # type: ignore[misc]  # Ray awaits it
         self._mlx_lock = FairLock()
         await self._init_pool(spec, manager)
 
-    def resolve(self, entry: LLMEntry) -> Path:  # type: ignore[override]
-        dequantize = mlx_uses_cpu_backend() if entry.dequantize == "auto" else entry.dequantize
-        return resolve_llm(entry.source, dequantize=dequantize, sha256=entry.sha256)
-
-    def estimate_bytes(self, entry: LLMEntry, path: Path) -> int:  # type: ignore[override]
+    def estimate_bytes(self, entry: GenerativeEntry, path: Path) -> int:  # type: ignore[override]
         return super().estimate_bytes(entry, path) + _kv_budget(entry)
 
-    async def load_model(self, entry: LLMEntry, path: Path) -> LLMModel:  # type: ignore[override]
-        return await asyncio.to_thread(LLMModel, entry, path, self._mlx_lock, self.served_by)
+    async def load_model(self, entry: GenerativeEntry, path: Path) -> LLMModel:  # type: ignore[override]
+        return await asyncio.to_thread(self.model_class, entry, path, self._mlx_lock, self.served_by)
 
     async def release_memory(self) -> None:
         def release() -> None:
@@ -104,7 +101,7 @@ def _draft_path(entry: LLMEntry) -> Path | None:
     return resolve_llm(spec.draft_model, dequantize=dequantize, sha256=spec.draft_sha256)
 
 
-def _kv_budget(entry: LLMEntry) -> int:
+def _kv_budget(entry: GenerativeEntry) -> int:
     return int((physical_memory_bytes() / 4) if entry.kv_cache_gb == "auto" else entry.kv_cache_gb * _GB)
 
 
@@ -149,37 +146,35 @@ def _extend(into: ChoiceChunk, new: ChoiceChunk) -> None:
     into.stop_sequence = new.stop_sequence
 
 
+def _engine_options(entry: GenerativeEntry, mlx_lock: AbstractContextManager) -> dict[str, Any]:
+    """What every generative engine is built with, from its model's entry."""
+    return dict(
+        max_batch_size=entry.max_batch_size,
+        prefill_batch_size=entry.prefill_batch_size,
+        prefill_step_size=entry.prefill_step_size,
+        default_max_tokens=entry.default_max_tokens,
+        prefix_cache_size=entry.prefix_cache_size,
+        prefix_cache_bytes=int(entry.prefix_cache_gb * _GB),
+        max_waiting=entry.max_waiting,
+        max_queue_wait_s=entry.max_queue_wait_s,
+        kv_cache_bytes=_kv_budget(entry),
+        mlx_lock=mlx_lock,
+        context_length=entry.context_length,
+        max_tokens_limit=entry.max_tokens_limit,
+        chat_template=_template(entry.chat_template),
+        prefix_cache_dir=entry.prefix_cache_dir or str(cache_root() / "prefix-cache" / entry.name),
+        prefix_cache_disk_bytes=int(entry.prefix_cache_disk_gb * _GB),
+    )
+
+
 class LLMModel:
     """One loaded LLM: its engine, its sampling defaults, its tokenizer thread and metrics."""
 
-    def __init__(self, entry: LLMEntry, path: Path, mlx_lock: AbstractContextManager, served_by: str):
+    def __init__(self, entry: GenerativeEntry, path: Path, mlx_lock: AbstractContextManager, served_by: str):
         self.name = entry.name
         self.served_by = served_by
         self.sampling = entry.sampling.model_dump()  # the model's defaults, under each request's own
-        self.engine = LLMEngine(
-            path,
-            max_batch_size=entry.max_batch_size,
-            prefill_batch_size=entry.prefill_batch_size,
-            prefill_step_size=entry.prefill_step_size,
-            default_max_tokens=entry.default_max_tokens,
-            prefix_cache_size=entry.prefix_cache_size,
-            prefix_cache_bytes=int(entry.prefix_cache_gb * _GB),
-            max_waiting=entry.max_waiting,
-            max_queue_wait_s=entry.max_queue_wait_s,
-            kv_cache_bytes=_kv_budget(entry),
-            mlx_lock=mlx_lock,
-            context_length=entry.context_length,
-            max_tokens_limit=entry.max_tokens_limit,
-            chat_template=_template(entry.chat_template),
-            prefix_cache_dir=entry.prefix_cache_dir or str(cache_root() / "prefix-cache" / entry.name),
-            prefix_cache_disk_bytes=int(entry.prefix_cache_disk_gb * _GB),
-            kv_bits=entry.kv_bits,
-            kv_group_size=entry.kv_group_size,
-            speculative=None if entry.speculative is None else SpeculativeConfig(
-                **entry.speculative.model_dump(exclude={"method", "draft_model", "draft_sha256"})
-            ),
-            draft_model=_draft_path(entry),
-        )
+        self.engine = self.make_engine(entry, path, **_engine_options(entry, mlx_lock))
         engine = self.engine
         self.output = ModelOutput(
             engine.chat_template or getattr(engine.tokenizer, "chat_template", None),
@@ -208,6 +203,27 @@ class LLMModel:
         for m in (self._requests, self._tokens, self._ttft, self._drafted, self._accepted):
             m.set_default_tags(tags)
 
+    def make_engine(self, entry: Any, path: Path, **options: Any) -> LLMEngine:
+        """This family's engine for ``entry`` (an ``LLMEntry`` here)."""
+        return LLMEngine(
+            path,
+            **options,
+            kv_bits=entry.kv_bits,
+            kv_group_size=entry.kv_group_size,
+            speculative=None if entry.speculative is None else SpeculativeConfig(
+                **entry.speculative.model_dump(exclude={"method", "draft_model", "draft_sha256"})
+            ),
+            draft_model=_draft_path(entry),
+        )
+
+    def encode_messages(self, messages: list[dict[str, Any]], images: list[Any], **template_kwargs: Any
+                        ) -> tuple[list[int], Sequence[Any]]:
+        """A conversation's prompt tokens and the spans of it that are images (none here)."""
+        if images:
+            raise InvalidRequestError(f"The model `{self.name}` is a text-only model; it does not accept images.",
+                                      param="messages")
+        return self.engine.encode_chat(messages, **template_kwargs), ()
+
     async def generate(
         self,
         params: SamplingParams,
@@ -221,14 +237,19 @@ class LLMModel:
         tools: ToolRequest | None = None,
         template_kwargs: dict[str, Any] | None = None,
         priority: int = 0,
+        images: list[Any] | None = None,
     ) -> AsyncIterator[Accepted | ChoiceChunk]:
         """Yields ``Accepted`` once the prompt passed its checks and joined the batch (so
         callers can answer 4xx/503 before committing to a 200), then the chunks of its
         ``n`` choices; with stream=False one chunk per choice, holding all its text.
         The request's unset sampling fields take this model's defaults. ``arrived_at`` (epoch
-        seconds, from the ingress): time spent in Serve's queues counts as waiting."""
+        seconds, from the ingress): time spent in Serve's queues counts as waiting.
+        ``images``: the ``LoadedImage``s of the messages' image parts, in order."""
         output = self.output
         opening = ""
+        media: Sequence[Any] = ()
+        if images and messages is None:
+            raise InvalidRequestError("images come in chat messages", param="prompt")
         if messages is not None:
             kwargs = dict(template_kwargs or {})
             if output.reasoning:  # a model with reasoning markers thinks unless the request says not
@@ -236,7 +257,7 @@ class LLMModel:
             template_tools = output.template_tools(tools)
             if template_tools is not None:
                 kwargs["tools"] = template_tools
-            ids = await self._off_loop(lambda: self.engine.encode_chat(messages, **kwargs))
+            ids, media = await self._off_loop(lambda: self.encode_messages(messages, images or [], **kwargs))
             grammar = output.grammar(tools, params.json_schema, self.engine.special_token)
             if grammar is not None:
                 # A forced call's opening is certain: it goes into the prompt (one prefill), and
@@ -250,7 +271,8 @@ class LLMModel:
         else:
             ids = list(prompt or [])
         waited = time.time() - arrived_at if arrived_at is not None else 0.0
-        chunks = self.engine.generate(ids, params.with_defaults(**self.sampling), n=n, waited_s=waited, priority=priority)
+        chunks = self.engine.generate(ids, params.with_defaults(**self.sampling), n=n, waited_s=waited, priority=priority,
+                                      media=media)
         # Accepted once the sequences are in the batch: a request shed from the queue still
         # gets a 503 status rather than an error event inside a 200 stream.
         await chunks.admitted()
@@ -318,3 +340,15 @@ class LLMModel:
     def close(self) -> None:
         self.engine.shutdown()
         self._text.shutdown(wait=False, cancel_futures=True)
+
+
+@serve.deployment(name="llm", max_ongoing_requests=64, health_check_period_s=10)
+class LLMDeployment(GenerativeFamily):
+    """The LLM pool (mlx-lm models; GGUF files converted once)."""
+
+    family_name = "llm"
+    model_class = LLMModel
+
+    def resolve(self, entry: LLMEntry) -> Path:  # type: ignore[override]
+        dequantize = mlx_uses_cpu_backend() if entry.dequantize == "auto" else entry.dequantize
+        return resolve_llm(entry.source, dequantize=dequantize, sha256=entry.sha256)

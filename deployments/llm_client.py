@@ -15,15 +15,22 @@ from typing import Any, cast
 
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from mlx_orchard.images import ImageLimits, take_images
 from mlx_orchard.protocol.common import PromptTokensDetails, Usage
 from mlx_orchard.wire import Accepted, ChoiceChunk, SamplingParams, ToolCallDelta
 
 
 class LLMClient:
-    """Calls one LLM deployment; the streaming handle is built once, not per request."""
+    """Calls one model of a generative family (LLM or vision); the streaming handle is
+    built once, not per request. Image parts of the messages are fetched and decoded
+    here, on the ingress, within ``image_limits``; only a vision model takes them."""
 
-    def __init__(self, handle: DeploymentHandle):
+    def __init__(self, handle: DeploymentHandle, *, model: str = "", vision: bool = False,
+                 image_limits: ImageLimits | None = None):
         self._generate = handle.options(stream=True).generate
+        self.model = model
+        self.vision = vision
+        self.image_limits = image_limits or ImageLimits()
 
     async def start(
         self, params: SamplingParams, *, n: int = 1, stream: bool = True, index_base: int = 0, **prompt: Any
@@ -33,6 +40,10 @@ class LLMClient:
         (with ``echo=`` for text completions)."""
         # When it arrived, so the engine counts time queued in Serve towards its queue limit.
         arrived = time.time()
+        if prompt.get("messages") is not None:
+            messages, images = await take_images(prompt["messages"], self.image_limits, vision=self.vision, model=self.model)
+            if images:
+                prompt = {**prompt, "messages": messages, "images": images}
         response = cast(
             DeploymentResponseGenerator,
             self._generate.remote(params, n=n, stream=stream, arrived_at=arrived, **prompt),

@@ -121,12 +121,9 @@ class SpeculativeOptions(Strict):
         return self
 
 
-class LLMEntry(ModelEntry):
-    dequantize: bool | Literal["auto"] = Field(
-        "auto",
-        description="GGUF only: write float32 weights (auto: yes on MLX's CPU backend, "
-        "where fp32 decodes faster than 4-bit; no on Metal/CUDA)",
-    )
+class GenerativeEntry(ModelEntry):
+    """What every text-generating model's entry has: the LLM and vision-language families."""
+
     max_batch_size: int = Field(32, ge=1, description="sequences decoded together per step")
     prefill_batch_size: int = Field(8, ge=1, description="prompts admitted and prefilled together")
     prefill_step_size: int = Field(512, ge=16, description="prompt tokens per prefill chunk")
@@ -162,12 +159,6 @@ class LLMEntry(ModelEntry):
     max_queue_wait_s: float | None = Field(
         20.0, gt=0, description="a sequence not in the batch after this long is shed with 503 (None: never)"
     )
-    speculative: SpeculativeOptions | None = Field(None, description="speculative decoding (off: none)")
-    kv_bits: Literal[2, 3, 4, 5, 6, 8] | None = Field(
-        None, description="quantize the KV cache to these bits (off: none); 8 keeps answers, 4 costs small models "
-        "their accuracy; admission counts the smaller bytes, so more sequences fit"
-    )
-    kv_group_size: Literal[32, 64, 128] = Field(64, description="values sharing one scale in the quantized KV cache")
     sampling: SamplingDefaults = SamplingDefaults()
 
     @field_validator("tool_parser")
@@ -187,6 +178,27 @@ class LLMEntry(ModelEntry):
         if v is not None and v not in (*REASONING_FORMATS, "harmony"):
             raise ValueError(f"unknown reasoning_parser {v!r}; known: {sorted([*REASONING_FORMATS, 'harmony'])}")
         return v
+
+
+class LLMEntry(GenerativeEntry):
+    dequantize: bool | Literal["auto"] = Field(
+        "auto",
+        description="GGUF only: write float32 weights (auto: yes on MLX's CPU backend, "
+        "where fp32 decodes faster than 4-bit; no on Metal/CUDA)",
+    )
+    speculative: SpeculativeOptions | None = Field(None, description="speculative decoding (off: none)")
+    kv_bits: Literal[2, 3, 4, 5, 6, 8] | None = Field(
+        None, description="quantize the KV cache to these bits (off: none); 8 keeps answers, 4 costs small models "
+        "their accuracy; admission counts the smaller bytes, so more sequences fit"
+    )
+    kv_group_size: Literal[32, 64, 128] = Field(64, description="values sharing one scale in the quantized KV cache")
+
+
+class VLMEntry(GenerativeEntry):
+    """A vision-language model (mlx-vlm): chat with images, in the same continuous batch as text."""
+
+    image_cache_size: int = Field(64, ge=0, description="images whose vision-encoder features are kept for reuse")
+    image_cache_mb: float = Field(512.0, gt=0, description="memory those features may hold, in MB")
 
 
 class BatchingOptions(Strict):
@@ -281,6 +293,30 @@ class ModelsOptions(Strict):
     report_interval_s: float = Field(1.0, gt=0, le=60, description="how often replicas report their loaded models")
 
 
+class ImageOptions(Strict):
+    """Images in chat requests (vision models): what the ingress accepts and fetches."""
+
+    max_image_mb: float = Field(20.0, gt=0, description="largest image, as sent or fetched")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="most pixels of one decoded image")
+    fetch_timeout_s: float = Field(10.0, gt=0, description="an http(s) image not fetched by then: 400")
+    max_redirects: int = Field(3, ge=0, le=10)
+    allow_private_networks: bool = Field(
+        False, description="fetch image URLs that resolve to private, loopback or link-local addresses "
+        "(off: no server-side request forgery into the server's network)"
+    )
+
+    def limits(self):
+        from mlx_orchard.images import ImageLimits
+
+        return ImageLimits(
+            max_bytes=int(self.max_image_mb * 1e6),
+            max_pixels=self.max_image_pixels,
+            timeout_s=self.fetch_timeout_s,
+            max_redirects=self.max_redirects,
+            allow_private_networks=self.allow_private_networks,
+        )
+
+
 class IngressOptions(Strict):
     api_key: str | None = Field(
         None, description="require `Authorization: Bearer <key>` on /v1/*; env ORCHARD_API_KEY also works"
@@ -300,6 +336,7 @@ class IngressOptions(Strict):
         1000, ge=0, description="Responses API: stored responses (previous_response_id), least recently used out; per ingress replica"
     )
     responses_store_mb: float = Field(64.0, gt=0, description="Responses API: bytes the stored responses may hold")
+    images: ImageOptions = ImageOptions()
     deployment: DeploymentOptions = DeploymentOptions()
 
 

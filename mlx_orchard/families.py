@@ -31,6 +31,7 @@ from mlx_orchard.config import (
     PoolOptions,
     RuntimeOptions,
     Strict,
+    VLMEntry,
     WhisperEntry,
     check_batches_can_fill,
 )
@@ -41,7 +42,7 @@ class Family:
     name: str  # the task, as ModelCard.family and routes name it
     entry: type[ModelEntry]  # the config schema of one model
     deployment: str  # "module:Class", imported only where replicas are built
-    router: str  # "module:function", function(ingress) -> fastapi.APIRouter
+    router: str | None  # "module:function", function(ingress) -> fastapi.APIRouter; None: another family's routes serve it
     endpoints: tuple[str, ...]
     config_key: str = ""  # the key of its list in `args:` (and its deployments' name prefix)
 
@@ -63,6 +64,7 @@ class Family:
         return _import(self.deployment)
 
     def router_factory(self) -> Any:
+        assert self.router is not None
         return _import(self.router)
 
 
@@ -78,6 +80,13 @@ FAMILIES: tuple[Family, ...] = (
         deployment="deployments.llm:LLMDeployment",
         router="deployments.routers.llm:router",
         endpoints=("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"),
+    ),
+    Family(
+        name="vlm",
+        entry=VLMEntry,
+        deployment="deployments.vlm:VLMDeployment",
+        router=None,  # the LLM routes serve vision models too: one chat endpoint, routed by model id
+        endpoints=("/v1/chat/completions", "/v1/responses", "/v1/messages"),
     ),
     Family(
         name="embeddings",

@@ -20,6 +20,7 @@ import io
 import ipaddress
 import socket
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -52,6 +53,41 @@ class LoadedImage:
 
 class ImageError(InvalidRequestError):
     """A client's image that cannot be used (400)."""
+
+
+LOW_DETAIL_EDGE = 512  # OpenAI's `detail: low` looks at a 512 x 512 version of the image
+
+
+def with_detail(loaded: LoadedImage, detail: str) -> LoadedImage:
+    """``detail: low``: the image scaled down to fit 512 x 512 (fewer tiles, fewer tokens
+    on models that split large images); otherwise as sent."""
+    if detail != "low" or max(loaded.size) <= LOW_DETAIL_EDGE:
+        return loaded
+    small = loaded.image.copy()
+    small.thumbnail((LOW_DETAIL_EDGE, LOW_DETAIL_EDGE), Image.Resampling.BICUBIC)
+    return LoadedImage(small, _pixel_hash(small), loaded.format)
+
+
+async def take_images(messages: list[dict[str, Any]], limits: ImageLimits, *, vision: bool, model: str
+                      ) -> tuple[list[dict[str, Any]], list[LoadedImage]]:
+    """Load the image parts of chat-template messages (``{"type": "image", "url", "detail"}``,
+    as the protocol writes them), all at once; the messages come back with bare
+    ``{"type": "image"}`` parts, the images in the same order. Images for a model that is
+    not a vision model are refused before anything is fetched."""
+    found = [p for m in messages if isinstance(m.get("content"), list) for p in m["content"] if p.get("type") == "image"]
+    if not found:
+        return messages, []
+    if not vision:
+        raise InvalidRequestError(f"The model `{model}` is a text-only model; it does not accept images.",
+                                  param="messages", code="model_not_multimodal")
+    loaded = await asyncio.gather(*(load_image(p.get("url", ""), limits) for p in found))
+    images = [with_detail(image, p.get("detail", "auto")) for image, p in zip(loaded, found)]
+    bare = [
+        {**m, "content": [{"type": "image"} if p.get("type") == "image" else p for p in m["content"]]}
+        if isinstance(m.get("content"), list) else m
+        for m in messages
+    ]
+    return bare, images
 
 
 async def load_image(url: str, limits: ImageLimits, *, param: str = "messages",
@@ -101,8 +137,11 @@ def decode_image(data: bytes, limits: ImageLimits, param: str = "messages") -> L
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageError(f"the image could not be decoded ({type(e).__name__})", param=param) from None
-    digest = hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
-    return LoadedImage(rgb, digest, fmt)
+    return LoadedImage(rgb, _pixel_hash(rgb), fmt)
+
+
+def _pixel_hash(rgb: Image.Image) -> str:
+    return hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
 
 
 async def _fetch(url: str, limits: ImageLimits, param: str, client: httpx.AsyncClient | None) -> bytes:

@@ -168,3 +168,11 @@ def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
         if not any(p == cluster_dir or cluster_dir in p.parents for p in named):
             return True
     return None
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(smollm2_dir) -> Path:
+    """A tiny random-weight SmolVLM (tests/vlm_model.py) with SmolLM2's tokenizer."""
+    from tests.vlm_model import build_tiny_smolvlm
+
+    return build_tiny_smolvlm(SESSION_DIR / "tiny-smolvlm", smollm2_dir)

@@ -39,7 +39,7 @@ from mlx_orchard.protocol.completions import (
 if TYPE_CHECKING:
     from deployments.ingress import Ingress
 
-FAMILY = "llm"
+FAMILIES = ("llm", "vlm")  # chat, Responses and Messages serve text and vision models alike
 
 
 def router(ingress: Ingress) -> APIRouter:
@@ -47,10 +47,11 @@ def router(ingress: Ingress) -> APIRouter:
     clients: dict[tuple[str, str], LLMClient] = {}  # one per (deployment, model), built on first use
 
     async def client(model: str) -> LLMClient:
-        route, handle = await ingress.route(model, FAMILY)
+        route, handle = await ingress.route(model, FAMILIES)
         key = (route.deployment, route.name)
         if key not in clients:
-            clients[key] = LLMClient(handle)
+            clients[key] = LLMClient(handle, model=route.name, vision=route.family == "vlm",
+                                     image_limits=ingress.options.images.limits())
         return clients[key]
 
     @api.post("/v1/chat/completions")

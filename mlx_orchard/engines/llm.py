@@ -784,8 +784,8 @@ class LLMEngine:
             cache, held = seq.preset
             seq.preset = None
             return cache, tokens[len(held) :]
-        cache, rest = self._cached_prefix(self._cache_key(seq, tokens))
-        return cache, tokens[len(tokens) - len(rest) :]
+        found, rest = self._cached_prefix(self._cache_key(seq, tokens))
+        return found, tokens[len(tokens) - len(rest) :]
 
     def _prepare(self, seq: _Sequence) -> None:
         """Per-sequence state, built once (a retried sequence keeps its sampler's key chain)."""

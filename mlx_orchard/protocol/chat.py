@@ -23,6 +23,21 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    url: str = Field(min_length=1, description="a data:image/...;base64 URL or an http(s) URL")
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _url_string(cls, v):  # some clients send the URL itself
+        return {"url": v} if isinstance(v, str) else v
+
+
 class CalledFunction(BaseModel):
     name: str = Field(pattern=FUNCTION_NAME)
     arguments: str = Field(max_length=1_000_000)
@@ -36,7 +51,7 @@ class MessageToolCall(BaseModel):
 
 class ChatMessage(OpenAIRequest):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | Annotated[list[TextPart | dict[str, Any]], Field(max_length=_MAX_PARTS)] | None = None
+    content: str | Annotated[list[TextPart | ImagePart | dict[str, Any]], Field(max_length=_MAX_PARTS)] | None = None
     name: str | None = Field(None, max_length=256)
     tool_calls: list[MessageToolCall] | None = Field(None, max_length=MAX_TOOLS)  # assistant turns
     tool_call_id: str | None = Field(None, max_length=256)  # tool turns
@@ -44,7 +59,7 @@ class ChatMessage(OpenAIRequest):
 
     def template_message(self) -> dict[str, Any]:
         # "developer" is OpenAI's newer name for "system"; chat templates know "system".
-        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.parts()}
         if self.tool_calls:
             out["tool_calls"] = [
                 {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": template_arguments(c.function.arguments)}}
@@ -56,19 +71,33 @@ class ChatMessage(OpenAIRequest):
                 out["name"] = self.name
         return out
 
+    def parts(self) -> str | list[dict[str, Any]]:
+        """The content as chat templates take it: text, or (with images) a list of text and
+        image parts, each image ``{"type": "image", "url", "detail"}`` until the ingress
+        has loaded it (see ``images.take_images``)."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        if not any(isinstance(p, ImagePart) for p in self.content):
+            return self.text()
+        out: list[dict[str, Any]] = []
+        for part in self.content:
+            if isinstance(part, ImagePart):
+                out.append({"type": "image", "url": part.image_url.url, "detail": part.image_url.detail})
+            else:
+                out.append({"type": "text", "text": self._text_of(part)})
+        return out
+
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        parts = []
-        for part in self.content:
-            if isinstance(part, TextPart):
-                parts.append(part.text)
-            else:
-                raise InvalidRequestError(
-                    f"content part of type {part.get('type')!r} is not supported by a text model",
-                    param="messages",
-                )
-        return "".join(parts)
+        return "".join(self._text_of(part) for part in self.content)
+
+    @staticmethod
+    def _text_of(part: Any) -> str:
+        if isinstance(part, TextPart):
+            return part.text
+        kind = part.type if isinstance(part, ImagePart) else part.get("type")
+        raise InvalidRequestError(f"content part of type {kind!r} is not supported here", param="messages")
 
 
 _TEMPLATE_RESERVED = {"messages", "tools", "add_generation_prompt", "tokenize", "chat_template", "continue_final_message"}

@@ -52,12 +52,35 @@ class ToolResultBlock(_Block):
         return "".join(parts)
 
 
+class ImageSource(BaseModel):
+    type: Literal["base64", "url"]
+    media_type: Literal["image/png", "image/jpeg", "image/webp", "image/gif"] | None = None
+    data: str | None = None
+    url: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.type == "base64" and (self.data is None or self.media_type is None):
+            raise ValueError("a base64 image source needs media_type and data")
+        if self.type == "url" and not self.url:
+            raise ValueError("a url image source needs a url")
+        return self
+
+    def as_url(self) -> str:
+        return f"data:{self.media_type};base64,{self.data}" if self.type == "base64" else str(self.url)
+
+
+class ImageBlock(_Block):
+    type: Literal["image"]
+    source: ImageSource
+
+
 class ThinkingBlock(_Block):
     type: Literal["thinking", "redacted_thinking"]
     thinking: str | None = None
 
 
-Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock, Field(discriminator="type")]
+Block = Annotated[TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock, Field(discriminator="type")]
 
 
 class InputMessage(BaseModel):
@@ -163,17 +186,21 @@ class MessagesRequest(ModelRequest):
             text = self.system if isinstance(self.system, str) else "".join(b.text for b in self.system)
             out.append({"role": "system", "content": text})
         for message in self.messages:
-            texts, calls, results = [], [], []
+            texts: list[dict[str, Any]] = []
+            calls, results = [], []
             for block in message.blocks():
                 if isinstance(block, TextBlock):
-                    texts.append(block.text)
+                    texts.append({"type": "text", "text": block.text})
+                elif isinstance(block, ImageBlock):  # loaded by the ingress, as chat's image parts
+                    texts.append({"type": "image", "url": block.source.as_url(), "detail": "auto"})
                 elif isinstance(block, ToolUseBlock):
                     calls.append({"id": block.id, "type": "function", "function": {"name": block.name, "arguments": block.input}})
                 elif isinstance(block, ToolResultBlock):
                     results.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": block.text()})
             out.extend(results)  # tool results answer the previous assistant turn
             if texts or calls or not results:
-                turn: dict[str, Any] = {"role": message.role, "content": "".join(texts)}
+                images = any(t["type"] == "image" for t in texts)
+                turn: dict[str, Any] = {"role": message.role, "content": texts if images else "".join(t["text"] for t in texts)}
                 if calls:
                     turn["tool_calls"] = calls
                 out.append(turn)

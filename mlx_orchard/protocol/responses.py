@@ -30,27 +30,51 @@ class InputText(BaseModel):
     text: str
 
 
+class InputImage(BaseModel):
+    type: Literal["input_image"]
+    image_url: str | None = Field(None, min_length=1, description="a data:image/...;base64 URL or an http(s) URL")
+    file_id: str | None = None
+    detail: Literal["auto", "low", "high"] = "auto"
+
+    @model_validator(mode="after")
+    def _has_url(self):
+        if self.image_url is None:
+            raise ValueError("input_image needs an image_url (file_id is not supported: this server keeps no files)")
+        return self
+
+
 class InputMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     type: Literal["message"] | None = None
     role: Literal["user", "system", "developer", "assistant"]
-    content: str | Annotated[list[InputText | dict[str, Any]], Field(max_length=1024)]
+    content: str | Annotated[list[InputText | InputImage | dict[str, Any]], Field(max_length=1024)]
     id: str | None = None
     status: str | None = None
+
+    def parts(self) -> str | list[dict[str, Any]]:
+        """The content as chat templates take it (images as in ``ChatMessage.parts``)."""
+        if isinstance(self.content, str):
+            return self.content
+        if not any(isinstance(p, InputImage) for p in self.content):
+            return self.text()
+        return [
+            {"type": "image", "url": p.image_url, "detail": p.detail} if isinstance(p, InputImage)
+            else {"type": "text", "text": _input_text(p)}
+            for p in self.content
+        ]
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        parts = []
-        for part in self.content:
-            if isinstance(part, InputText):
-                parts.append(part.text)
-            else:
-                raise InvalidRequestError(
-                    f"input content of type {part.get('type')!r} is not supported by a text model", param="input"
-                )
-        return "".join(parts)
+        return "".join(_input_text(p) for p in self.content)
+
+
+def _input_text(part: Any) -> str:
+    if isinstance(part, InputText):
+        return part.text
+    kind = part.type if isinstance(part, InputImage) else part.get("type")
+    raise InvalidRequestError(f"input content of type {kind!r} is not supported here", param="input")
 
 
 class FunctionCallItem(BaseModel):
@@ -198,7 +222,7 @@ class ResponsesRequest(ModelRequest):
         for item in self.input:
             if isinstance(item, InputMessage):
                 role = "system" if item.role == "developer" else item.role
-                messages.append({"role": role, "content": item.text()})
+                messages.append({"role": role, "content": item.parts()})
             elif isinstance(item, FunctionCallItem):
                 call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": template_arguments(item.arguments)}}
                 last = messages[-1] if messages else None
