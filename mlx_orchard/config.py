@@ -300,6 +300,8 @@ class ImageOptions(Strict):
     max_image_pixels: int = Field(40_000_000, ge=1, description="most pixels of one decoded image")
     fetch_timeout_s: float = Field(10.0, gt=0, description="an http(s) image not fetched by then: 400")
     max_redirects: int = Field(3, ge=0, le=10)
+    max_images: int = Field(16, ge=1, le=256, description="images per request")
+    max_edge: int = Field(3072, ge=64, description="longer image sides are scaled down to this once decoded")
     allow_private_networks: bool = Field(
         False, description="fetch image URLs that resolve to private, loopback or link-local addresses "
         "(off: no server-side request forgery into the server's network)"
@@ -314,6 +316,8 @@ class ImageOptions(Strict):
             timeout_s=self.fetch_timeout_s,
             max_redirects=self.max_redirects,
             allow_private_networks=self.allow_private_networks,
+            max_images=self.max_images,
+            max_edge=self.max_edge,
         )
 
 

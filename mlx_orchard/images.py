@@ -38,6 +38,8 @@ class ImageLimits:
     timeout_s: float = 10.0  # a whole fetch, redirects included
     max_redirects: int = 3
     allow_private_networks: bool = False
+    max_images: int = 16  # per request: each one is fetched, decoded and sent to a replica
+    max_edge: int = 3072  # longer sides are scaled down once decoded (no VLM looks closer)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class ImageError(InvalidRequestError):
     """A client's image that cannot be used (400)."""
 
 
+_LOADS_AT_ONCE = 4  # images of one request fetched and decoded at once
 LOW_DETAIL_EDGE = 512  # OpenAI's `detail: low` looks at a 512 x 512 version of the image
 
 
@@ -80,7 +83,17 @@ async def take_images(messages: list[dict[str, Any]], limits: ImageLimits, *, vi
     if not vision:
         raise InvalidRequestError(f"The model `{model}` is a text-only model; it does not accept images.",
                                   param="messages", code="model_not_multimodal")
-    loaded = await asyncio.gather(*(load_image(p.get("url", ""), limits) for p in found))
+    if len(found) > limits.max_images:
+        raise InvalidRequestError(f"at most {limits.max_images} images per request; this one has {len(found)}",
+                                  param="messages", code="too_many_images")
+    # A few at a time: each may decode to hundreds of MB before it is scaled down.
+    gate = asyncio.Semaphore(_LOADS_AT_ONCE)
+
+    async def load(url: str) -> LoadedImage:
+        async with gate:
+            return await load_image(url, limits)
+
+    loaded = await asyncio.gather(*(load(p.get("url", "")) for p in found))
     images = [with_detail(image, p.get("detail", "auto")) for image, p in zip(loaded, found)]
     bare = [
         {**m, "content": [{"type": "image"} if p.get("type") == "image" else p for p in m["content"]]}
@@ -132,6 +145,8 @@ def decode_image(data: bytes, limits: ImageLimits, param: str = "messages") -> L
             img.seek(0)  # a GIF's (or animated WebP's) first frame
             rgb = img.convert("RGB")
             rgb.load()
+            if max(rgb.size) > limits.max_edge:
+                rgb.thumbnail((limits.max_edge, limits.max_edge), Image.Resampling.BICUBIC)
             fmt = FORMATS[img.format]
     except ImageError:
         raise

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
+from mlx_orchard.errors import InvalidRequestError
 from mlx_orchard.images import ImageError, ImageLimits, load_image
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -131,3 +132,20 @@ async def test_bad_http_images_are_400s_that_say_why(server, path, limits, says)
 async def test_an_unreachable_host_is_a_400():
     with pytest.raises(ImageError, match="fetching the image failed|cannot be resolved"):
         await load_image("http://127.0.0.1:9/none.png", LAN)
+
+
+async def test_large_images_are_scaled_down_once_decoded():
+    img = await load_image(data_url(encoded("PNG", size=(4000, 1000))), ImageLimits(max_edge=1000))
+    assert img.size == (1000, 250)
+
+
+async def test_too_many_images_are_refused_before_any_is_loaded():
+    from mlx_orchard.images import take_images
+
+    parts = [{"type": "image", "url": "http://192.0.2.1/never-fetched.png"}] * 5
+    with pytest.raises(InvalidRequestError) as refused:
+        await take_images([{"role": "user", "content": parts}], ImageLimits(max_images=4), vision=True, model="m")
+    assert refused.value.code == "too_many_images"
+    with pytest.raises(InvalidRequestError) as text_only:
+        await take_images([{"role": "user", "content": parts}], ImageLimits(), vision=False, model="m")
+    assert "text-only" in str(text_only.value)

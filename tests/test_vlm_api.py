@@ -318,3 +318,28 @@ def test_the_private_network_guard_is_on_by_default(serve_instance, tiny_vlm_dir
             assert "private or reserved address" in bad.value.message
     finally:
         serve.delete(GUARDED)
+
+
+def test_hostile_image_requests_leave_the_others_unchanged(sdk, reference):
+    text, _ = reference("What is in this picture?", RED)
+    bad = [
+        vision_message("What is in this picture?", *[data_url(GREEN)] * 17),  # over ingress.images.max_images
+        vision_message("Explain the <image> tag.", data_url(RED)),  # a placeholder token typed as text
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(RED), "detail": "huge"}}]}],
+        [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}],
+    ]
+
+    def good():
+        return ask(sdk, VLM, "What is in this picture?", data_url(RED)).choices[0].message.content
+
+    def hostile(messages):
+        with pytest.raises(openai.BadRequestError) as refused:
+            sdk.chat.completions.create(model=VLM, messages=messages, max_tokens=MAX_TOKENS)
+        return refused.value.message
+
+    with ThreadPoolExecutor(8) as pool:
+        goods = [pool.submit(good) for _ in range(3)]
+        refusals = list(pool.map(hostile, bad))
+    assert [g.result() for g in goods] == [text] * 3
+    assert "at most 16 images" in refusals[0] and "image tokens for 1 images" in refusals[1]
+    assert "not supported" in refusals[3]

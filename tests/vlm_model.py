@@ -34,8 +34,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_smolvlm(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """Write a loadable mlx-vlm SmolVLM directory to ``out`` (tokenizer from ``tokenizer_dir``)."""
+def build_tiny_smolvlm(out: Path, tokenizer_dir: Path, seed: int = 0, *, image_size: int = IMAGE_SIZE, patch: int = PATCH,
+                       vision_hidden: int = 32, vision_layers: int = 2, text_hidden: int = 64, text_layers: int = 2) -> Path:
+    """Write a loadable mlx-vlm SmolVLM directory to ``out`` (tokenizer from ``tokenizer_dir``).
+    The defaults make the tests' model; the benches build wider ones."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_vlm.models.smolvlm import Model, ModelConfig
@@ -55,13 +57,14 @@ def build_tiny_smolvlm(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     vocab = len(tokenizer)
     eos = ids["<end_of_utterance>"]
     text = {
-        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "num_hidden_layers": 2, "rms_norm_eps": 1e-5, "vocab_size": vocab,
+        "model_type": "llama", "hidden_size": text_hidden, "intermediate_size": 2 * text_hidden, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_hidden_layers": text_layers, "rms_norm_eps": 1e-5, "vocab_size": vocab,
         "rope_theta": 100000.0, "max_position_embeddings": 2048, "tie_word_embeddings": False,
     }
     vision = {
-        "model_type": "smolvlm_vision", "hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2,
-        "intermediate_size": 64, "patch_size": PATCH, "image_size": IMAGE_SIZE, "num_channels": 3,
+        "model_type": "smolvlm_vision", "hidden_size": vision_hidden, "num_attention_heads": 2,
+        "num_hidden_layers": vision_layers, "intermediate_size": 2 * vision_hidden, "patch_size": patch,
+        "image_size": image_size, "num_channels": 3,
     }
     config = {
         "model_type": "smolvlm", "architectures": ["SmolVLMForConditionalGeneration"],
@@ -83,12 +86,13 @@ def build_tiny_smolvlm(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     processor = SmolVLMImageProcessorPil(
         do_image_splitting=False,
-        size={"longest_edge": IMAGE_SIZE},
-        max_image_size={"longest_edge": IMAGE_SIZE},
+        size={"longest_edge": image_size},
+        max_image_size={"longest_edge": image_size},
     )
     processor.save_pretrained(str(tmp))
+    image_tokens = (image_size // patch) ** 2 // SCALE**2
     (tmp / "processor_config.json").write_text(
-        json.dumps({"processor_class": "SmolVLMProcessor", "image_seq_len": IMAGE_TOKENS})
+        json.dumps({"processor_class": "SmolVLMProcessor", "image_seq_len": image_tokens})
     )
     (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos]}))
     tmp.rename(out)

@@ -42,7 +42,6 @@ logger = logging.getLogger("orchard.vlm")
 # Model types whose language half takes plain 1-D positions and one KV cache per layer, so
 # mlx-lm's batch caches fit them (Qwen-VL's M-RoPE and sliding-window models do not).
 BATCHABLE_MODEL_TYPES = frozenset({"smolvlm", "idefics3"})
-MAX_IMAGES = 16  # per request: each becomes a vision-encoder pass and hundreds of tokens
 
 
 @dataclass(frozen=True)
@@ -152,8 +151,6 @@ class VLMEngine(LLMEngine):
                            ) -> tuple[list[int], list[ImageSpan]]:
         """The prompt of a conversation whose image parts (``{"type": "image"}``, in order)
         are ``images`` (``LoadedImage``s), and each image's span in it."""
-        if len(images) > MAX_IMAGES:
-            raise InvalidRequestError(f"at most {MAX_IMAGES} images per request", param="messages")
         ids = self.encode_chat(messages, **template_kwargs)
         places = [i for i, t in enumerate(ids) if t == self.image_token_id]
         if len(places) != len(images):
