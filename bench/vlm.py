@@ -38,6 +38,7 @@ from mlx_orchard.images import LoadedImage, _pixel_hash
 from mlx_orchard.runtime import mlx_uses_cpu_backend
 
 QUESTION = "Describe this picture in detail."
+FAILED_PEERS: dict[str, str] = {}
 
 
 def picture(i: int) -> LoadedImage:
@@ -125,6 +126,7 @@ def mlx_vlm_rates(path: Path, tokens: int, rounds: int) -> dict[str, tuple[float
             out["mlx-vlm batch_generate, 8 at once"].append((8 / s, generated / s))
         except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
             log(f"batch_generate failed: {type(e).__name__}: {e}")
+            FAILED_PEERS["mlx-vlm batch_generate, 8 at once"] = f"{type(e).__name__}: {e}"
     return {k: (statistics.median(a for a, _ in v), statistics.median(b for _, b in v)) for k, v in out.items() if v}
 
 
@@ -167,6 +169,8 @@ def main() -> None:
              "| setting | images/s | generated tok/s |", "|---|---:|---:|"]
     for name, (ips, tps) in {**rates, **peers}.items():
         lines.append(f"| {name} | {ips:.2f} | {tps:.1f} |")
+    for name, error in FAILED_PEERS.items():
+        lines.append(f"| {name} | failed: {error[:160]} | |")
     together, alone = rates["8 together"], rates["8 one by one"]
     lines += ["", f"Orchard, 8 together vs one by one: **{together[0] / alone[0]:.2f}x** images/s.", "",
               f"## Encoder cache: a {args.turns}-turn conversation about one image (prefix cache off)", "",

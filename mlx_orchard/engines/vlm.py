@@ -175,8 +175,11 @@ class VLMEngine(LLMEngine):
     def _expand(self, image: Any) -> tuple[list[int], dict[str, np.ndarray]]:
         """What the model's processor makes of one image: its tokens and its pixel arrays."""
         with self._processor_lock:
-            inputs = self.processor(text=[self.image_token], images=[[image]], add_special_tokens=False)
+            inputs = self.processor(text=[self.image_token], images=[[image]])
         ids = [int(t) for t in np.asarray(inputs["input_ids"]).reshape(-1)]
+        bos = self.processor.tokenizer.bos_token_id
+        if bos is not None and ids and ids[0] == bos != self.image_token_id:  # the processor's, not the image's
+            ids = ids[1:]
         pixels = {k: np.asarray(v) for k, v in inputs.items() if k not in ("input_ids", "attention_mask") and v is not None}
         return ids, pixels
 
