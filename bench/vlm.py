@@ -34,7 +34,7 @@ from bench.compare_llm import ROOT, _git_commit, log, model_dir
 from bench.family_server import write_report
 from mlx_orchard.engines.sampling import SamplingParams
 from mlx_orchard.engines.vlm import VLMEngine
-from mlx_orchard.images import LoadedImage, _pixel_hash
+from mlx_orchard.images import LoadedImage, pixel_hash
 from mlx_orchard.runtime import mlx_uses_cpu_backend
 
 QUESTION = "Describe this picture in detail."
@@ -44,7 +44,7 @@ FAILED_PEERS: dict[str, str] = {}
 def picture(i: int) -> LoadedImage:
     image = Image.new("RGB", (480, 360), ((37 * i) % 256, (91 * i) % 256, (53 * i + 100) % 256))
     ImageDraw.Draw(image).ellipse((20 + 10 * i, 30, 200 + 10 * i, 300), fill=(250 - 20 * i, 20 * i, 128))
-    return LoadedImage(image, _pixel_hash(image), "png")
+    return LoadedImage(image, pixel_hash(image), "png")
 
 
 def build_model() -> Path:

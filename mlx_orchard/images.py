@@ -68,7 +68,7 @@ def with_detail(loaded: LoadedImage, detail: str) -> LoadedImage:
         return loaded
     small = loaded.image.copy()
     small.thumbnail((LOW_DETAIL_EDGE, LOW_DETAIL_EDGE), Image.Resampling.BICUBIC)
-    return LoadedImage(small, _pixel_hash(small), loaded.format)
+    return LoadedImage(small, pixel_hash(small), loaded.format)
 
 
 async def take_images(messages: list[dict[str, Any]], limits: ImageLimits, *, vision: bool, model: str
@@ -152,10 +152,11 @@ def decode_image(data: bytes, limits: ImageLimits, param: str = "messages") -> L
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageError(f"the image could not be decoded ({type(e).__name__})", param=param) from None
-    return LoadedImage(rgb, _pixel_hash(rgb), fmt)
+    return LoadedImage(rgb, pixel_hash(rgb), fmt)
 
 
-def _pixel_hash(rgb: Image.Image) -> str:
+def pixel_hash(rgb: Image.Image) -> str:
+    """The image's identity: its size and RGB pixels (not its encoding)."""
     return hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
 
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
 
 from mlx_orchard.errors import InvalidRequestError
 from mlx_orchard.images import ImageError, ImageLimits, load_image
+from tests.http_files import serve_files
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -40,25 +39,8 @@ def server():
         "/loop": (302, "/loop"),
         "/hop": (302, "/red.png"),
     }
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            status, body = routes.get(self.path, (404, b"missing"))
-            self.send_response(status)
-            if status == 302:
-                self.send_header("Location", body)
-                body = b""
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with serve_files(routes) as url:
+        yield url
 
 
 @pytest.mark.parametrize("fmt,mime", [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp"), ("GIF", "image/gif")])

@@ -13,9 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import anthropic
 import openai
@@ -23,6 +21,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from tests.conftest import default_args
+from tests.http_files import serve_files
 from tests.vlm_model import CHAT_TEMPLATE, IMAGE_TOKENS
 
 APP, GUARDED = "vlm", "vlm-guarded"
@@ -59,24 +58,10 @@ def vision_message(text: str, *images: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def image_server():
-    routes = {"/red.png": encoded(RED), "/big.png": encoded(picture((1, 2, 3), size=(600, 600))) + b"\0" * 200_000}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            body = routes.get(self.path)
-            self.send_response(200 if body is not None else 404)
-            body = body if body is not None else b"missing"
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    routes = {"/red.png": (200, encoded(RED)),
+              "/big.png": (200, encoded(picture((1, 2, 3), size=(600, 600))) + b"\0" * 200_000)}
+    with serve_files(routes) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
