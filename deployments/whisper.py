@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from mlx_whisper.audio import N_SAMPLES
 from mlx_whisper.tokenizer import LANGUAGES
 from ray import serve
@@ -15,7 +16,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.batching import LiveBatching
 from deployments.mlx_thread import MLXThread
 from deployments.multiplex import MultiplexedFamily
-from mlx_orchard.audio import AudioDecodeError, decode_audio
+from mlx_orchard.audio import SAMPLE_RATE, AudioDecodeError, decode_audio
 from mlx_orchard.config import BatchingOptions, WhisperEntry
 from mlx_orchard.engines.whisper import ClipRequest, TranscriptionResult, WhisperEngine
 from mlx_orchard.errors import InvalidRequestError
@@ -69,13 +70,28 @@ class WhisperDeployment(MLXThread, LiveBatching, MultiplexedFamily):
                 samples = await asyncio.to_thread(decode_audio, audio, max_seconds=model.max_audio_seconds)
             except AudioDecodeError as e:
                 raise InvalidRequestError(str(e), param="file", code="invalid_audio_format") from e
-            language = engine.normalize_language(language)
-            clip = ClipRequest(samples, task, language, prompt or None, temperature, word_timestamps)
-            if len(samples) <= N_SAMPLES:
-                result = await self._run_batch((engine, clip))
-            else:  # long audio: mlx-whisper's sliding window, on the same MLX thread
-                result = (await self.on_mlx_thread(engine.transcribe, [clip]))[0]
+            result = await self._transcribe(engine, samples, task, language, prompt, temperature, word_timestamps)
             return _verbose(result, task)
+
+    async def transcribe_pcm(self, samples: np.ndarray, *, language: str | None = None, prompt: str | None = None,
+                             keep_alive_s: float | None = None) -> str:
+        """The text of raw 16 kHz float32 audio (live transcription sends it: no container to
+        decode), batched with every other request."""
+        async with self.using(keep_alive_s=keep_alive_s) as model:
+            if samples.ndim != 1 or samples.dtype != np.float32 or len(samples) > model.max_audio_seconds * SAMPLE_RATE:
+                raise InvalidRequestError("live audio must be mono float32 within the model's length limit", param="audio")
+            result = await self._transcribe(model.engine, samples, "transcribe", language, prompt, 0.0, False)
+            return result.text
+
+    async def _transcribe(self, engine: WhisperEngine, samples: np.ndarray, task: Literal["transcribe", "translate"],
+                          language: str | None, prompt: str | None, temperature: float, word_timestamps: bool
+                          ) -> TranscriptionResult:
+        language = engine.normalize_language(language)
+        clip = ClipRequest(samples, task, language, prompt or None, temperature, word_timestamps)
+        if len(samples) <= N_SAMPLES:
+            return await self._run_batch((engine, clip))
+        # long audio: mlx-whisper's sliding window, on the same MLX thread
+        return (await self.on_mlx_thread(engine.transcribe, [clip]))[0]
 
     @serve.batch  # its size and wait come from the pool's `batching` (reconfigure), nowhere else
     async def _run_batch(self, clips: list[tuple[WhisperEngine, ClipRequest]]) -> list[TranscriptionResult]:

