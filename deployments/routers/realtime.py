@@ -57,6 +57,7 @@ class _Live:
         self.rate = 24_000
         self.utterance = Utterance(MAX_UTTERANCE_S)
         self.partial: asyncio.Task | None = None
+        self.partial_s = 0.0  # how long the last partial took
         self.started = time.monotonic()
         self.calls: set[asyncio.Task] = set()
 
@@ -77,16 +78,20 @@ class _Live:
             self.calls.discard(call)
 
     def maybe_partial(self, on_delta) -> None:
-        """Start a partial transcription of the utterance when enough new audio arrived and none runs."""
-        if (self.partial is None or self.partial.done()) and self.utterance.due(PARTIAL_EVERY_S):
+        """Start a partial transcription of the utterance when enough new audio arrived and none
+        runs. The audio between partials grows with how long the last one took, so sockets do
+        not queue more partials than the replicas can answer (each costs a whole Whisper window)."""
+        if (self.partial is None or self.partial.done()) and self.utterance.due(max(PARTIAL_EVERY_S, 1.5 * self.partial_s)):
             utterance = self.utterance
 
             async def run() -> None:
+                began = time.monotonic()
                 try:
                     text = await self.transcribe(utterance.pcm())
                 except Exception:  # noqa: BLE001 - a partial that fails is skipped; the final pass reports
                     logger.warning("a partial transcription failed", exc_info=True)
                     return
+                self.partial_s = time.monotonic() - began
                 if utterance is self.utterance:  # not committed meanwhile
                     delta = utterance.agree(text)
                     if delta:
@@ -95,9 +100,11 @@ class _Live:
             self.partial = asyncio.ensure_future(run())
 
     async def finish(self) -> str:
-        """The utterance's final transcript (after its partial, if one runs); a fresh utterance follows."""
+        """The utterance's final transcript; a partial still running is cancelled (its text would
+        be superseded) and a fresh utterance follows."""
         utterance, self.utterance = self.utterance, Utterance(MAX_UTTERANCE_S)
         if self.partial is not None:
+            self.partial.cancel()
             await asyncio.gather(self.partial, return_exceptions=True)
             self.partial = None
         return await self.transcribe(utterance.pcm()) if utterance.samples else ""
