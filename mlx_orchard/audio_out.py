@@ -3,8 +3,9 @@
 libsndfile (through soundfile) writes WAV, FLAC, Ogg/Opus and MP3; AAC (ADTS) comes from an
 ``ffmpeg`` subprocess. Streams are encoded incrementally, each chunk's bytes sent as soon as
 the encoder has them: WAV and Ogg/Opus by soundfile (Ogg is a streaming container; WAV's
-header is written once with its sizes unknown), MP3, AAC and FLAC by ffmpeg, whose muxers
-write for a pipe (libsndfile would rewrite their headers at the end, after they were sent).
+header is written once with its sizes unknown), MP3 and AAC by ffmpeg, whose muxers write
+for a pipe (libsndfile would rewrite the MP3 header at the end, after it was sent). FLAC's
+header holds the stream's length, so FLAC is encoded whole when the last chunk is in.
 ``pcm`` is raw 16-bit little-endian samples, as OpenAI sends it.
 """
 
@@ -23,7 +24,7 @@ MEDIA_TYPES = {
     "mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac", "wav": "audio/wav", "pcm": "audio/pcm",
 }
 _SOUNDFILE = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "opus": ("OGG", "OPUS"), "mp3": ("MP3", "MPEG_LAYER_III")}
-_FFMPEG = {"mp3": ["-f", "mp3", "-b:a", "64k"], "aac": ["-f", "adts", "-c:a", "aac", "-b:a", "64k"], "flac": ["-f", "flac"]}
+_FFMPEG = {"mp3": ["-f", "mp3", "-b:a", "64k"], "aac": ["-f", "adts", "-c:a", "aac", "-b:a", "64k"]}
 # Opus runs at 48, 24, 16, 12 or 8 kHz; other rates are refused by libsndfile.
 _OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 
@@ -68,6 +69,8 @@ class StreamEncoder:
             self._sent = 0
             container, subtype = _SOUNDFILE[fmt]
             self._file = sf.SoundFile(self._buffer, mode="w", samplerate=rate, channels=1, format=container, subtype=subtype)
+        elif fmt == "flac":  # FLAC's header holds the length: a stream without it trips readers, so it is sent whole
+            self._held: list[np.ndarray] = []
         elif fmt in _FFMPEG:
             ffmpeg = shutil.which("ffmpeg")
             if ffmpeg is None:
@@ -110,6 +113,9 @@ class StreamEncoder:
     def feed(self, samples: np.ndarray) -> bytes:
         if self.fmt == "pcm":
             return pcm16(samples)
+        if self.fmt == "flac":
+            self._held.append(samples)
+            return b""
         if self._file is not None:
             self._file.write(np.clip(samples, -1.0, 1.0))
             self._file.flush()
@@ -121,6 +127,8 @@ class StreamEncoder:
 
     def close(self) -> bytes:
         """The encoder's last bytes (a header rewritten at the end stays as first sent)."""
+        if self.fmt == "flac":
+            return encode(np.concatenate(self._held) if self._held else np.zeros(0, np.float32), self.rate, "flac")
         if self._file is not None:
             self._file.close()
             return self._new_bytes()
