@@ -25,7 +25,7 @@ from deployments.http import (
     with_keepalive,
 )
 from deployments.routers.models import router as models_router
-from deployments.routers.transcription import FORM_SLACK
+from deployments.routers.uploads import FORM_SLACK
 from mlx_orchard.config import IngressOptions
 from mlx_orchard.errors import (
     InvalidRequestError,

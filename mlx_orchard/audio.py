@@ -1,4 +1,5 @@
-"""Turn uploaded audio bytes into the float32 mono 16 kHz array Whisper expects.
+"""Turn uploaded audio bytes into float32 mono samples: at 16 kHz for Whisper, at the
+model's own rate for others (SAM-Audio separates at 48 kHz).
 
 libsndfile (through soundfile) reads WAV, FLAC, OGG/Vorbis/Opus and MP3 from memory.
 MP4/M4A and WebM/Matroska go through an ``ffmpeg`` subprocess when one is on PATH.
@@ -39,8 +40,8 @@ class AudioTooLongError(AudioDecodeError):
         super().__init__(f"audio lasts {shown}, longer than the {max_seconds:g} s allowed")
 
 
-def decode_audio(data: bytes, *, max_seconds: float) -> np.ndarray:
-    """Decode ``data`` to float32 mono samples at 16 kHz.
+def decode_audio(data: bytes, *, max_seconds: float, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode ``data`` to float32 mono samples at ``rate`` (Whisper's 16 kHz unless told).
 
     Raises ``AudioDecodeError`` for empty, non-audio or undecodable bytes (and for
     container formats that need ffmpeg when it is absent), ``AudioTooLongError`` when
@@ -49,10 +50,10 @@ def decode_audio(data: bytes, *, max_seconds: float) -> np.ndarray:
     if not data:
         raise AudioDecodeError("audio file is empty")
     if _needs_ffmpeg(data):
-        samples = _decode_ffmpeg(data, max_seconds)
+        samples = _decode_ffmpeg(data, max_seconds, rate)
     else:
-        samples, rate = _decode_soundfile(data, max_seconds)
-        samples = _resample(samples, rate)
+        samples, found = _decode_soundfile(data, max_seconds)
+        samples = _resample(samples, found, rate)
     if samples.size == 0:
         raise AudioDecodeError("audio file contains no samples")
     return np.ascontiguousarray(samples, dtype=np.float32)
@@ -101,7 +102,7 @@ def _decode_soundfile(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]
     return np.concatenate(blocks), rate
 
 
-def _decode_ffmpeg(data: bytes, max_seconds: float) -> np.ndarray:
+def _decode_ffmpeg(data: bytes, max_seconds: float, rate: int) -> np.ndarray:
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         raise AudioDecodeError("MP4/M4A and WebM audio need ffmpeg, which is not installed on this server")
@@ -109,7 +110,7 @@ def _decode_ffmpeg(data: bytes, max_seconds: float) -> np.ndarray:
     command = [
         ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error",
         "-i", "pipe:0", "-t", f"{max_seconds + 0.5:.3f}", "-vn",
-        "-f", "f32le", "-ac", "1", "-ar", str(SAMPLE_RATE), "pipe:1",
+        "-f", "f32le", "-ac", "1", "-ar", str(rate), "pipe:1",
     ]  # fmt: skip
     try:
         done = subprocess.run(command, input=data, capture_output=True, timeout=max(60.0, max_seconds))
@@ -119,13 +120,13 @@ def _decode_ffmpeg(data: bytes, max_seconds: float) -> np.ndarray:
         detail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no detail"]
         raise AudioDecodeError(f"ffmpeg could not decode the audio: {detail[0]}")
     samples = np.frombuffer(done.stdout, dtype="<f4")
-    if samples.size > math.floor(max_seconds * SAMPLE_RATE):
+    if samples.size > math.floor(max_seconds * rate):
         raise AudioTooLongError(None, max_seconds)
     return samples
 
 
-def _resample(samples: np.ndarray, rate: int) -> np.ndarray:
-    if rate == SAMPLE_RATE:
+def _resample(samples: np.ndarray, rate: int, to: int) -> np.ndarray:
+    if rate == to:
         return samples
-    ratio = Fraction(SAMPLE_RATE, rate)  # reduced, e.g. 44100 -> 16000 is 160/441
+    ratio = Fraction(to, rate)  # reduced, e.g. 44100 -> 16000 is 160/441
     return resample_poly(samples, ratio.numerator, ratio.denominator).astype(np.float32)

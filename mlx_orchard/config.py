@@ -254,6 +254,13 @@ class TTSEntry(ModelEntry):
     )
 
 
+class SeparationEntry(ModelEntry):
+    """A source-separation model (mlx-audio's SAM-Audio): audio and a description of what to
+    extract in, the target sound and the rest out."""
+
+    max_audio_seconds: float = Field(600.0, gt=0, description="longer audio is refused (it is separated in 10 s chunks)")
+
+
 class PoolOptions(Strict):
     """A family's shared deployment: its replicas, and the models multiplexed onto each
     (Ray Serve model multiplexing: requests go to a replica that has their model loaded)."""

@@ -30,6 +30,7 @@ from mlx_orchard.config import (
     ModelsOptions,
     PoolOptions,
     RuntimeOptions,
+    SeparationEntry,
     Strict,
     TTSEntry,
     VLMEntry,
@@ -110,6 +111,13 @@ FAMILIES: tuple[Family, ...] = (
         router="deployments.routers.transcription:router",
         endpoints=("/v1/audio/transcriptions", "/v1/audio/translations"),
         config_key="whisper",  # the key configs have used since the first release
+    ),
+    Family(
+        name="separation",
+        entry=SeparationEntry,
+        deployment="deployments.separation:SeparationDeployment",
+        router="deployments.routers.separation:router",
+        endpoints=("/v1/audio/separations",),
     ),
 )
 

@@ -176,3 +176,11 @@ def tiny_vlm_dir(smollm2_dir) -> Path:
     from tests.vlm_model import build_tiny_smolvlm
 
     return build_tiny_smolvlm(SESSION_DIR / "tiny-smolvlm", smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_audio_dir(smollm2_dir) -> Path:
+    """A tiny random-weight SAM-Audio (tests/separation_model.py) with SmolLM2's tokenizer."""
+    from tests.separation_model import build_tiny_sam_audio
+
+    return build_tiny_sam_audio(SESSION_DIR / "tiny-sam-audio", smollm2_dir)

@@ -9,12 +9,10 @@ from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
 
 from deployments.http import SSE_DONE, sse_event
 from deployments.routers import realtime
-from mlx_orchard.errors import InvalidRequestError, PayloadTooLargeError
+from deployments.routers.uploads import read_upload
 from mlx_orchard.protocol.audio import (
     TranscriptDelta,
     TranscriptDone,
@@ -29,7 +27,6 @@ if TYPE_CHECKING:
     from deployments.ingress import Ingress
 
 FAMILY = "transcription"
-FORM_SLACK = 64 * 1024  # multipart headers and the small fields around the file
 
 
 def router(ingress: Ingress) -> APIRouter:
@@ -48,29 +45,12 @@ def router(ingress: Ingress) -> APIRouter:
 
 
 async def _read_upload(request: Request, limit: int) -> tuple[bytes, TranscriptionForm]:
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit + FORM_SLACK:
-        raise PayloadTooLargeError(f"the upload is larger than the {limit / 1e6:g} MB limit", param="file")
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise InvalidRequestError("send the audio as multipart/form-data with a `file` field", param="file")
-    try:
-        form = await request.form(max_files=1, max_fields=32)
-    except MultiPartException as e:  # malformed multipart, too many parts or fields
-        raise InvalidRequestError(f"could not read the multipart form: {e.message}", param="file") from None
-    try:
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise InvalidRequestError("the `file` field with the audio is required", param="file")
-        data = await upload.read(limit + 1)
-        if len(data) > limit:
-            raise PayloadTooLargeError(f"the upload is larger than the {limit / 1e6:g} MB limit", param="file")
-        fields: dict = {k: v for k, v in form.items() if k != "file" and not k.startswith("timestamp_granularities")}
-        granularities = form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")
-        if granularities:
-            fields["timestamp_granularities"] = granularities
-        return data, TranscriptionForm.model_validate(fields)
-    finally:
-        await form.close()
+    data, pairs = await read_upload(request, limit)
+    fields: dict = {k: v for k, v in pairs if not k.startswith("timestamp_granularities")}
+    granularities = [v for k, v in pairs if k in ("timestamp_granularities[]", "timestamp_granularities")]
+    if granularities:
+        fields["timestamp_granularities"] = granularities
+    return data, TranscriptionForm.model_validate(fields)
 
 
 async def transcribe(request: Request, ingress: Ingress, task: str):

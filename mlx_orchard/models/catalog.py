@@ -112,6 +112,11 @@ def _is_tts(f: _Files) -> bool:
     return f.model_type in _TTS_TYPES or (f.path / "voices").is_dir() or {"istftnet", "plbert"} <= f.config.keys()
 
 
+def _is_separation(f: _Files) -> bool:
+    # SAM-Audio: a codec, a DiT and a text encoder in one config.
+    return f.model_type == "sam_audio" or {"audio_codec", "transformer", "text_encoder"} <= f.config.keys()
+
+
 def _is_transcription(f: _Files) -> bool:
     whisper_dims = "n_audio_ctx" in f.config or {"n_mels", "n_text_ctx"} <= f.config.keys()
     ctranslate2 = "model.bin" in f.names and any(n.startswith("vocabulary.") for n in f.names)
@@ -150,6 +155,7 @@ def _is_llm(f: _Files) -> bool:
 # whisper or BERT directory (both have vocab_size) is never called an LLM.
 _FAMILY_RULES: tuple[tuple[str, Callable[[_Files], bool]], ...] = (
     ("tts", _is_tts),
+    ("separation", _is_separation),
     ("transcription", _is_transcription),
     ("images", _is_images),
     ("embeddings", _is_embeddings),

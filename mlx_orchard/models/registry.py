@@ -71,6 +71,18 @@ def resolve_whisper(source: str, *, sha256: str | None = None) -> Path:
     return path
 
 
+def separation_text_encoder(model_dir: Path) -> Path:
+    """SAM-Audio's T5 text encoder: ``text_encoder/`` in the model directory, else the Hub
+    repo its config names (mlx-community's SAM-Audio conversions ship without T5)."""
+    import json
+
+    local = model_dir / "text_encoder"
+    if (local / "config.json").is_file():
+        return local
+    name = json.loads((model_dir / "config.json").read_text()).get("text_encoder", {}).get("name", "t5-base")
+    return download(name if "/" in name else f"google-t5/{name}")
+
+
 def download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

@@ -176,6 +176,8 @@ FAMILY_CASES = {
     "kokoro-typed": ("tts", {"config.json": {**KOKORO, "model_type": "kokoro"}}),
     "voices-dir": ("tts", {"config.json": {"model_type": "something", "vocab_size": 10}, "voices/af_heart.safetensors": b"w"}),
     "csm": ("tts", {"config.json": {"model_type": "csm", "vocab_size": 2051, "architectures": ["CsmForConditionalGeneration"]}}),
+    "sam-audio": ("separation", {"config.json": {"model_type": "sam_audio", "audio_codec": {}}, "model.safetensors": b"w"}),
+    "sam-audio-untyped": ("separation", {"config.json": {"audio_codec": {}, "transformer": {"dim": 8}, "text_encoder": {"dim": 8}}}),
     "diffusers": ("images", {"model_index.json": MODEL_INDEX, "transformer/config.json": {}, "vae/config.json": {}}),
     "transformer-and-vae": ("images", {"transformer/model.safetensors": b"w", "vae/model.safetensors": b"w", "config.json": {}}),
     "unknown-config": (None, {"config.json": {"hello": "world"}}),
