@@ -103,7 +103,11 @@ def serve_instance():
     from ray import serve
 
     port = _free_port()
-    ray.init(include_dashboard=False, log_to_driver=False)
+    # Logical CPUs are scheduling tokens, not cores. The default app's model pools reserve 0.5
+    # each (2 in all), and test modules run apps of their own beside it: with Ray's default
+    # (one per core, 2 here) their replicas could never be scheduled and serve.run would wait
+    # forever (a CI run timed out on exactly that).
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     ray.shutdown()  # takes Serve down with it; serve.shutdown() waits 30 s on this box
