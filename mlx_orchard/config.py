@@ -261,6 +261,23 @@ class SeparationEntry(ModelEntry):
     max_audio_seconds: float = Field(600.0, gt=0, description="longer audio is refused (it is separated in 10 s chunks)")
 
 
+class ImagesEntry(BatchedEntry):
+    """An image generation model (mflux), named by its preset: the pipeline, its default steps
+    and guidance. ``source`` is a local directory or a Hub repo of that pipeline's weights."""
+
+    batching: BatchingOptions = BatchingOptions(max_batch_size=4, batch_wait_timeout_s=0.05)
+    preset: Literal["flux-schnell", "flux-dev", "flux-kontext-dev", "flux2-klein", "z-image-turbo", "qwen-image",
+                    "qwen-image-edit"] = Field(description="the mflux pipeline the weights are for")
+    quantize: Literal[3, 4, 5, 6, 8] | None = Field(None, description="quantize the weights to this many bits at load")
+    default_size: str = Field("1024x1024", pattern=r"^\d{2,5}x\d{2,5}$", description="the size `auto` means")
+    max_pixels: int = Field(2048 * 2048, ge=256, description="largest width x height a request may ask for")
+    max_steps: int = Field(100, ge=1, le=200)
+    memory_gb: float | None = Field(
+        None, gt=0, description="what one loaded copy holds (weights + activations at max_pixels); default: "
+        "the weight files x 1.5. The pool's memory_gb and Ray resources decide where it may load"
+    )
+
+
 class PoolOptions(Strict):
     """A family's shared deployment: its replicas, and the models multiplexed onto each
     (Ray Serve model multiplexing: requests go to a replica that has their model loaded)."""
@@ -358,6 +375,10 @@ class IngressOptions(Strict):
     )
     responses_store_mb: float = Field(64.0, gt=0, description="Responses API: bytes the stored responses may hold")
     images: ImageOptions = ImageOptions()
+    image_urls_ttl_s: float = Field(
+        3600.0, gt=0, description="images answered as `url` (response_format: url) are served this long by the ingress"
+    )
+    image_urls_mb: float = Field(256.0, gt=0, description="bytes those images may hold (oldest out first); per ingress replica")
     realtime_model: str | None = Field(
         None, description="the transcription model of /v1/realtime sockets that name none (?model= or session.update)"
     )

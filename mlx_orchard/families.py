@@ -24,6 +24,7 @@ from mlx_orchard.config import (
     BatchedEntry,
     BatchingOptions,
     EmbeddingsEntry,
+    ImagesEntry,
     IngressOptions,
     LLMEntry,
     ModelEntry,
@@ -111,6 +112,13 @@ FAMILIES: tuple[Family, ...] = (
         router="deployments.routers.transcription:router",
         endpoints=("/v1/audio/transcriptions", "/v1/audio/translations"),
         config_key="whisper",  # the key configs have used since the first release
+    ),
+    Family(
+        name="images",
+        entry=ImagesEntry,
+        deployment="deployments.images:ImagesDeployment",
+        router="deployments.routers.images:router",
+        endpoints=("/v1/images/generations", "/v1/images/edits"),
     ),
     Family(
         name="separation",

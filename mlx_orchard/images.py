@@ -130,8 +130,9 @@ def _data_url_bytes(url: str, limits: ImageLimits, param: str) -> bytes:
         raise ImageError("the data url's image is not valid base64", param=param) from None
 
 
-def decode_image(data: bytes, limits: ImageLimits, param: str = "messages") -> LoadedImage:
-    """Bytes -> an RGB image, its pixel count checked from the header before decoding."""
+def decode_image(data: bytes, limits: ImageLimits, param: str = "messages", mode: str = "RGB") -> LoadedImage:
+    """Bytes -> an image in ``mode`` (RGB; RGBA for masks), its pixel count checked from the
+    header before decoding."""
     if len(data) > limits.max_bytes:
         raise ImageError(f"the image is larger than {limits.max_bytes} bytes", param=param, code="image_too_large")
     try:
@@ -143,7 +144,7 @@ def decode_image(data: bytes, limits: ImageLimits, param: str = "messages") -> L
                 raise ImageError(f"the image is {width}x{height} pixels; at most {limits.max_pixels} pixels are accepted",
                                  param=param, code="image_too_large")
             img.seek(0)  # a GIF's (or animated WebP's) first frame
-            rgb = img.convert("RGB")
+            rgb = img.convert(mode)
             rgb.load()
             if max(rgb.size) > limits.max_edge:
                 rgb.thumbnail((limits.max_edge, limits.max_edge), Image.Resampling.BICUBIC)

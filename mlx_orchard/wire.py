@@ -159,3 +159,23 @@ class SpeechEnd:
 
     phonemes: int
     samples: int
+
+
+@dataclass
+class ImagesStart:
+    """First item of an image stream: the request passed the replica's checks."""
+
+    width: int
+    height: int
+    steps: int
+    seed: int
+    served_by: str
+
+
+@dataclass
+class ImageOut:
+    """One encoded image: a final one (``partial`` None) or the ``partial``-th preview of image ``index``."""
+
+    index: int
+    data: bytes
+    partial: int | None = None

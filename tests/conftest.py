@@ -188,3 +188,11 @@ def tiny_sam_audio_dir(smollm2_dir) -> Path:
     from tests.separation_model import build_tiny_sam_audio
 
     return build_tiny_sam_audio(SESSION_DIR / "tiny-sam-audio", smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_image_dir(smollm2_dir) -> Path:
+    """A tiny random-weight FLUX.2-klein (tests/images_model.py) with SmolLM2's tokenizer."""
+    from tests.images_model import build_tiny_image_model
+
+    return build_tiny_image_model(SESSION_DIR / "tiny-flux2-klein", smollm2_dir)

@@ -1,0 +1,55 @@
+"""ImageEngine on the tiny random-weight FLUX.2-klein, against mflux's own generate_image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mlx_orchard.engines.images import ImageEngine, ImageJob
+from mlx_orchard.errors import InvalidRequestError
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_image_dir):
+    return ImageEngine(tiny_image_dir, "flux2-klein", max_pixels=128 * 128, max_steps=8)
+
+
+def alone(engine: ImageEngine, job: ImageJob) -> np.ndarray:
+    made = engine.model.generate_image(seed=job.seed, prompt=job.prompt, num_inference_steps=job.steps,
+                                       width=job.width, height=job.height)
+    return np.array(made.image.convert("RGB"))
+
+
+def test_a_batch_makes_what_each_job_makes_alone(engine):
+    jobs = [ImageJob("a red fox", 1, 64, 48, 2), ImageJob("a blue car", 2, 64, 48, 2), ImageJob("a red fox", 3, 64, 48, 2)]
+    images = engine.generate(jobs)
+    for job, image in zip(jobs, images):
+        assert image is not None and image.size == (64, 48)
+        np.testing.assert_array_equal(np.array(image), alone(engine, job))
+    assert not np.array_equal(np.array(images[0]), np.array(images[2]))  # another seed, another image
+
+
+def test_partial_images_and_progress_come_between_steps(engine):
+    partials, steps = [], []
+    job = ImageJob("a red fox", 1, 32, 32, 4, partial_images=2, on_partial=lambda k, im: partials.append((k, im.size)))
+    [final] = engine.generate([job], on_step=lambda s, total: steps.append((s, total)))
+    assert partials == [(0, (32, 32)), (1, (32, 32))] and steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    np.testing.assert_array_equal(np.array(final), alone(engine, job))
+
+
+def test_a_batch_whose_callers_left_stops(engine):
+    steps = []
+    job = ImageJob("a red fox", 1, 32, 32, 8, cancelled=lambda: len(steps) >= 2)
+    assert engine.generate([job], on_step=lambda s, total: steps.append(s)) == [None]
+    assert steps == [1, 2]
+
+
+@pytest.mark.parametrize("change, param", [
+    ({"width": 40}, "size"), ({"height": 0}, "size"), ({"width": 256, "height": 256}, "size"),
+    ({"steps": 9}, "steps"), ({"steps": 0}, "steps"), ({"negative_prompt": "blurry"}, "negative_prompt"),
+])
+def test_what_the_model_cannot_do_is_refused_before_any_work(engine, change, param):
+    job = ImageJob(**{"prompt": "x", "seed": 0, "width": 64, "height": 64, "steps": 2, **change})
+    with pytest.raises(InvalidRequestError) as e:
+        engine.check(job)
+    assert e.value.param == param
