@@ -267,7 +267,8 @@ class ImagesEntry(BatchedEntry):
 
     batching: BatchingOptions = BatchingOptions(max_batch_size=4, batch_wait_timeout_s=0.05)
     preset: Literal["flux-schnell", "flux-dev", "flux-kontext-dev", "flux2-klein", "z-image-turbo", "qwen-image",
-                    "qwen-image-edit"] = Field(description="the mflux pipeline the weights are for")
+                    "qwen-image-edit"] | None = Field(
+        None, description="the mflux pipeline the weights are for (default: read from the model's model_index.json)")
     quantize: Literal[3, 4, 5, 6, 8] | None = Field(None, description="quantize the weights to this many bits at load")
     default_size: str = Field("1024x1024", pattern=r"^\d{2,5}x\d{2,5}$", description="the size `auto` means")
     max_pixels: int = Field(2048 * 2048, ge=256, description="largest width x height a request may ask for")

@@ -6,11 +6,13 @@ so the tests exercise the default configuration users get.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -130,6 +132,35 @@ def client(orchard):
 
     return OpenAI(base_url=f"{orchard}/v1", api_key="unused", _strict_response_validation=True, max_retries=0)
 
+
+
+@contextlib.contextmanager
+def module_app(serve_instance: str, name: str, args: dict) -> Iterator[str]:
+    """A Serve app of a test module's own (its ``args:`` block) beside the default one, at ``/<name>``."""
+    from ray import serve
+
+    from graph import build_app
+
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+    yield f"{serve_instance}/{name}"
+    serve.delete(name)
+
+
+def sdk_client(base_url: str, timeout: float = 300):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{base_url}/v1", api_key="unused", _strict_response_validation=True, max_retries=0, timeout=timeout)
+
+
+def replica_stats(handle_loop, app: str, deployment: str, model: str):
+    """``stats()`` of the family replica that serves ``model`` in ``app``, through a Serve handle."""
+    from ray import serve
+
+    async def get():
+        handle = serve.get_deployment_handle(deployment, app_name=app).options(multiplexed_model_id=model)
+        return await handle.stats.remote()
+
+    return handle_loop(get)
 
 
 @pytest.fixture(scope="session")

@@ -143,6 +143,7 @@ def build_tiny_image_model(out: Path, tokenizer_dir: Path, seed: int = 0) -> Pat
     (out / CONFIG_FILE).write_text(
         json.dumps(
             {
+                "preset": "flux2-klein",
                 "base": "flux2-klein-4b",
                 "transformer_overrides": TINY_TRANSFORMER,
                 "text_encoder_overrides": text_encoder_overrides,

@@ -19,7 +19,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import default_args
+from tests.conftest import default_args, module_app, replica_stats, sdk_client
 
 APP, MODEL = "images", "tiny-klein"
 STEPS = 2
@@ -28,10 +28,6 @@ URL_TTL_S = 3
 
 @pytest.fixture(scope="module")
 def app(serve_instance, tiny_image_dir):
-    from ray import serve
-
-    from graph import build_app
-
     args = default_args()
     config = {
         "ingress": {**args["ingress"], "image_urls_ttl_s": URL_TTL_S, "images": {"max_image_mb": 0.05, "max_images": 4}},
@@ -41,14 +37,13 @@ def app(serve_instance, tiny_image_dir):
         "images": [{"name": MODEL, "source": str(tiny_image_dir), "preset": "flux2-klein", "default_size": "64x64",
                     "max_pixels": 128 * 128, "max_steps": 8}],
     }
-    serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
-    yield f"{serve_instance}/{APP}"
-    serve.delete(APP)
+    with module_app(serve_instance, APP, config) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def sdk(app) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{app}/v1", api_key="unused", _strict_response_validation=True, max_retries=0, timeout=300)
+    return sdk_client(app)
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +77,7 @@ def generate(sdk: openai.OpenAI, prompt: str, seed: int, **kwargs):
 
 
 def stats(handle_loop) -> dict:
-    from ray import serve
-
-    async def get():
-        handle = serve.get_deployment_handle("images", app_name=APP).options(multiplexed_model_id=MODEL)
-        return await handle.stats.remote()
-
-    return handle_loop(get)
+    return replica_stats(handle_loop, APP, "images", MODEL)
 
 
 def test_an_image_of_the_requested_size_is_what_the_model_makes(sdk, reference):

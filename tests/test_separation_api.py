@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 
 from mlx_orchard.audio import decode_audio
-from tests.conftest import SESSION_DIR, default_args
+from tests.conftest import SESSION_DIR, default_args, module_app, replica_stats
 from tests.separation_model import SAMPLE_RATE
 from tests.speech import speak_wav
 
@@ -26,10 +26,6 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def app(serve_instance, tiny_sam_audio_dir):
-    from ray import serve
-
-    from graph import build_app
-
     args = default_args()
     config = {
         "ingress": {**args["ingress"], "max_upload_mb": 2},
@@ -37,9 +33,8 @@ def app(serve_instance, tiny_sam_audio_dir):
         "pools": {"separation": {"deployment": {"ray_actor_options": {"num_cpus": 0.1}}}},
         "separation": [{"name": MODEL, "source": str(tiny_sam_audio_dir), "max_audio_seconds": MAX_SECONDS}],
     }
-    serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
-    yield f"{serve_instance}/{APP}"
-    serve.delete(APP)
+    with module_app(serve_instance, APP, config) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +68,7 @@ def wav(b64: str) -> tuple[np.ndarray, int]:
 
 
 def stats(handle_loop) -> dict:
-    from ray import serve
-
-    async def get():
-        handle = serve.get_deployment_handle("separation", app_name=APP).options(multiplexed_model_id=MODEL)
-        return await handle.stats.remote()
-
-    return handle_loop(get)
+    return replica_stats(handle_loop, APP, "separation", MODEL)
 
 
 @pytest.mark.parametrize("fmt", ["WAV", "FLAC"])
@@ -120,9 +109,10 @@ def test_long_audio_is_separated_in_chunks_that_join_to_its_length(app, handle_l
 
 def test_concurrent_requests_each_get_their_own_answer(app):
     texts = ["speech", "music", "a tone", "noise"]
-    alone = {t: post(app, mixture(), description=t).json()["target"] for t in texts}
+    audio = mixture()
+    alone = {t: post(app, audio, description=t).json()["target"] for t in texts}
     with ThreadPoolExecutor(4) as pool:
-        together = dict(zip(texts, pool.map(lambda t: post(app, mixture(), description=t).json()["target"], texts)))
+        together = dict(zip(texts, pool.map(lambda t: post(app, audio, description=t).json()["target"], texts)))
     assert together == alone
 
 
@@ -134,7 +124,7 @@ def test_concurrent_requests_each_get_their_own_answer(app):
     ("method rk4", 400, "method"),
     ("blank description", 400, "description"),
     ("too long", 400, "file"),
-    ("too large", 413, "file"),
+    ("too large", 413, None),  # refused by the ingress's body limit while it is read
     ("unknown model", 404, "model"),
     ("negative seed", 400, "seed"),
 ])
@@ -166,7 +156,7 @@ def test_bad_requests_get_an_openai_error(app, case, status, param):
     r = post(app, audio, **fields)
     assert r.status_code == status, r.text
     error = r.json()["error"]
-    assert error["message"] and error["param"] == param
+    assert error["message"] and error.get("param") == param
 
 
 def test_the_replica_still_answers_after_the_bad_requests(app, engine):

@@ -20,7 +20,7 @@ import openai
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.conftest import default_args
+from tests.conftest import default_args, replica_stats
 from tests.http_files import serve_files
 from tests.vlm_model import CHAT_TEMPLATE, IMAGE_TOKENS
 
@@ -120,13 +120,7 @@ def reference(tiny_vlm_dir):
 
 
 def stats(handle_loop, model: str) -> dict:
-    from ray import serve
-
-    async def get():
-        handle = serve.get_deployment_handle("vlm", app_name=APP).options(multiplexed_model_id=model)
-        return await handle.stats.remote()
-
-    return vars(handle_loop(get))
+    return vars(replica_stats(handle_loop, APP, "vlm", model))
 
 
 def ask(sdk: openai.OpenAI, model: str, text: str, *urls: str, **kwargs):

@@ -61,6 +61,10 @@ PRESETS: dict[str, Preset] = {
     "qwen-image-edit": Preset(f"{_QWEN}.edit.qwen_image_edit:QwenImageEdit", "qwen_image_edit", 30, 4.0,
                               edit_class=f"{_QWEN}.edit.qwen_image_edit:QwenImageEdit", negative_prompt=True),
 }
+# diffusers' pipeline class (model_index.json) -> preset; FLUX.1 schnell and dev share a class.
+_PIPELINES = {"FluxKontextPipeline": "flux-kontext-dev", "Flux2KleinPipeline": "flux2-klein", "ZImagePipeline": "z-image-turbo",
+              "QwenImagePipeline": "qwen-image", "QwenImageEditPipeline": "qwen-image-edit",
+              "QwenImageEditPlusPipeline": "qwen-image-edit"}
 QUALITY_STEPS = {"low": 0.5, "medium": 1.0, "auto": 1.0, "standard": 1.0, "high": 2.0, "hd": 2.0}
 SIZE_STEP = 16  # latents are 1/16 of the image per side
 
@@ -91,9 +95,25 @@ class ImageJob:
         return {max(0, (i + 1) * self.steps // (k + 1) - 1) for i in range(k)} if k else set()
 
 
+def detect_preset(model_path: str | Path) -> str:
+    """The preset of a model directory: its ``mflux_overrides.json`` or diffusers' ``model_index.json``."""
+    path = Path(model_path)
+    for name, key in ((OVERRIDES_FILE, "preset"), ("model_index.json", "_class_name")):
+        try:
+            value = json.loads((path / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        preset = value if value in PRESETS else _PIPELINES.get(str(value))
+        if preset:
+            return preset
+    raise ValueError(f"{path}: cannot tell which image pipeline these weights are for; set `preset:` in the config "
+                     f"({', '.join(PRESETS)})")
+
+
 class ImageEngine:
-    def __init__(self, model_path: str | Path, preset: str, *, quantize: int | None = None,
+    def __init__(self, model_path: str | Path, preset: str | None = None, *, quantize: int | None = None,
                  max_pixels: int = 2048 * 2048, max_steps: int = 100):
+        preset = preset or detect_preset(model_path)
         if preset not in PRESETS:
             raise ValueError(f"unknown image preset {preset!r} (presets: {', '.join(PRESETS)})")
         self.preset = PRESETS[preset]

@@ -53,3 +53,14 @@ def test_what_the_model_cannot_do_is_refused_before_any_work(engine, change, par
     with pytest.raises(InvalidRequestError) as e:
         engine.check(job)
     assert e.value.param == param
+
+
+def test_the_preset_is_read_from_the_model_directory(tiny_image_dir, tmp_path):
+    from mlx_orchard.engines.images import detect_preset
+
+    assert detect_preset(tiny_image_dir) == "flux2-klein"
+    (tmp_path / "model_index.json").write_text('{"_class_name": "ZImagePipeline"}')
+    assert detect_preset(tmp_path) == "z-image-turbo"
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')  # schnell or dev: the config must say
+    with pytest.raises(ValueError, match="preset"):
+        detect_preset(tmp_path)
