@@ -91,7 +91,7 @@ class ImagesDeployment(MLXThread, LiveBatching, MultiplexedFamily):
             width, height = size or tuple(int(v) for v in model.entry.default_size.split("x"))
             seed = secrets.randbelow(2**31) if seed is None else seed
             loop = asyncio.get_running_loop()
-            events: asyncio.Queue[tuple[int, Image.Image | None, int | None]] = asyncio.Queue()
+            events: asyncio.Queue[tuple[int, Image.Image | Exception | None, int | None]] = asyncio.Queue()
             gone = False
 
             def partial(i: int):
@@ -105,22 +105,19 @@ class ImagesDeployment(MLXThread, LiveBatching, MultiplexedFamily):
             yield ImagesStart(width, height, jobs[0].steps, seed, self.served_by)
 
             async def run(i: int, job: ImageJob) -> None:
-                image = await self._run_batch((model, job))
-                events.put_nowait((i, image, None))
+                try:
+                    events.put_nowait((i, await self._run_batch((model, job)), None))
+                except Exception as e:  # noqa: BLE001 - handed to the request, which fails with it
+                    events.put_nowait((i, e, None))
 
             tasks = [asyncio.create_task(run(i, job)) for i, job in enumerate(jobs)]
             try:
                 done = 0
                 while done < n:
-                    getter = asyncio.ensure_future(events.get())
-                    await asyncio.wait([getter, *[t for t in tasks if t.done() and t.exception()]],
-                                       return_when=asyncio.FIRST_COMPLETED)
-                    for task in tasks:  # a failed batch fails the request
-                        if task.done() and task.exception() is not None:
-                            getter.cancel()
-                            raise task.exception()  # type: ignore[misc]
-                    i, image, k = getter.result()
-                    assert image is not None
+                    i, image, k = await events.get()
+                    if isinstance(image, Exception):  # the batch failed: so does the request
+                        raise image
+                    assert image is not None  # None only for jobs whose caller left
                     if k is None:
                         done += 1
                         image = composite(image, references, mask)

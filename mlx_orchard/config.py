@@ -279,6 +279,9 @@ class ImagesEntry(BatchedEntry):
     )
 
 
+DEFAULT_REPLICA_CPUS = 0.25  # Ray's scheduling token for a family replica whose config names none
+
+
 class PoolOptions(Strict):
     """A family's shared deployment: its replicas, and the models multiplexed onto each
     (Ray Serve model multiplexing: requests go to a replica that has their model loaded)."""
@@ -302,6 +305,9 @@ class PoolOptions(Strict):
 
     def ray_options(self, env_vars: dict[str, str], batching: BatchingOptions | None) -> dict[str, Any]:
         opts = _with_env(self.deployment.ray_options(), env_vars)
+        # A model replica's MLX work is one thread. Serve's default reservation (1 CPU a replica)
+        # would leave a 2-core machine no room for a fifth family: its replica would never start.
+        opts["ray_actor_options"].setdefault("num_cpus", DEFAULT_REPLICA_CPUS)
         if batching is not None:  # the deployment's user_config: batching knobs change live
             opts["user_config"] = batching.model_dump()
             opts.setdefault("max_ongoing_requests", 2 * batching.max_batch_size)

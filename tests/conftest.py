@@ -105,10 +105,10 @@ def serve_instance():
     from ray import serve
 
     port = _free_port()
-    # Logical CPUs are scheduling tokens, not cores. The default app's model pools reserve 0.5
-    # each (2 in all), and test modules run apps of their own beside it: with Ray's default
-    # (one per core, 2 here) their replicas could never be scheduled and serve.run would wait
-    # forever (a CI run timed out on exactly that).
+    # Logical CPUs are scheduling tokens, not cores. The default app's model pools reserve a
+    # share each and test modules run apps of their own beside it: with Ray's default (one per
+    # core, 2 here) their replicas could run out of room and serve.run would wait forever (a CI
+    # run timed out on exactly that, when the pools reserved 0.5 each).
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"

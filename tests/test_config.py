@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from mlx_orchard.config import OrchardArgs
+from mlx_orchard.families import FAMILIES
 from tests.conftest import default_args
 
 
@@ -91,3 +92,15 @@ def test_speculative_and_kv_cache_settings_reach_the_model_entry():
     entry = OrchardArgs.model_validate(args).llm[0]
     assert entry.speculative is not None and entry.speculative.num_draft_tokens == 6
     assert entry.kv_bits == 8 and entry.kv_group_size == 64
+
+
+def test_a_pool_without_a_cpu_reservation_gets_a_small_one():
+    from mlx_orchard.config import DEFAULT_REPLICA_CPUS, PoolOptions
+
+    assert PoolOptions().ray_options({}, None)["ray_actor_options"]["num_cpus"] == DEFAULT_REPLICA_CPUS < 1
+    given = PoolOptions.model_validate({"deployment": {"ray_actor_options": {"num_cpus": 2}}})
+    assert given.ray_options({}, None)["ray_actor_options"]["num_cpus"] == 2
+    # the default app leaves room on a 2-core machine for every family it does not configure yet
+    args = OrchardArgs.model_validate(default_args())
+    taken = sum(args.pool(f).ray_options({}, None)["ray_actor_options"]["num_cpus"] for f in FAMILIES if args.configured(f))
+    assert taken + (len(FAMILIES) - 4) * DEFAULT_REPLICA_CPUS <= 2

@@ -60,17 +60,20 @@ class ImagesResponse(BaseModel):
     size: str | None = None
 
 
-class ImagePartial(BaseModel):
-    """``image_generation.partial_image`` / ``image_edit.partial_image``."""
-
-    type: Literal["image_generation.partial_image", "image_edit.partial_image"]
+class _ImageEvent(BaseModel):
     b64_json: str
     background: Literal["transparent", "opaque", "auto"]
     created_at: int
     output_format: OutputFormat
-    partial_image_index: int
     quality: Literal["low", "medium", "high", "auto"]
     size: str
+
+
+class ImagePartial(_ImageEvent):
+    """``image_generation.partial_image`` / ``image_edit.partial_image``."""
+
+    type: Literal["image_generation.partial_image", "image_edit.partial_image"]
+    partial_image_index: int
 
 
 class ImageTokens(BaseModel):
@@ -85,14 +88,8 @@ class ImageUsage(BaseModel):
     total_tokens: int
 
 
-class ImageCompleted(BaseModel):
+class ImageCompleted(_ImageEvent):
     """``image_generation.completed`` / ``image_edit.completed``: one per image."""
 
     type: Literal["image_generation.completed", "image_edit.completed"]
-    b64_json: str
-    background: Literal["transparent", "opaque", "auto"]
-    created_at: int
-    output_format: OutputFormat
-    quality: Literal["low", "medium", "high", "auto"]
-    size: str
     usage: ImageUsage
