@@ -754,6 +754,50 @@ def audio_cases() -> list[Case]:
     return cases
 
 
+def media_cases() -> list[Case]:
+    """Images and separations on the default app, which serves no model of either family: every
+    request is refused, by its shape before any lookup, else as an unknown or wrong model."""
+    G, E, S = "/v1/images/generations", "/v1/images/edits", "/v1/audio/separations"
+    base = {"model": "flux2-klein", "prompt": "a cat"}
+    png = bytes.fromhex("89504e470d0a1a0a0000000d494844520000000200000002080600000072b60d240000001449444154789c63fccf"
+                        "c0f09f8181818189010a001f1702024f94cebe0000000049454e44ae426082")  # 2x2 red, RGBA
+    cases = [post_json("img-model-unknown", G, base, 404, "model_not_found"),
+             post_json("img-model=llm", G, base | {"model": LLM}, 400),
+             post_json("img-model=whisper", G, base | {"model": ASR}, 400),
+             post_json("img-prompt-missing", G, {"model": "x"}),
+             post_raw("img-not-json", G, b"prompt=a cat", "application/x-www-form-urlencoded")]
+    for label, change in (("size=big", {"size": "big"}), ("size=1e9x1", {"size": "1000000000x1"}), ("size=-64x64", {"size": "-64x64"}),
+                          ("n=0", {"n": 0}), ("n=11", {"n": 11}), ("n=1e9", {"n": 10**9}), ("seed=-1", {"seed": -1}),
+                          ("seed=2^64", {"seed": 2**64}), ("steps=0", {"steps": 0}), ("steps=1e6", {"steps": 10**6}),
+                          ("guidance=nan", {"guidance": "NaN"}), ("compression=101", {"output_compression": 101}),
+                          ("partial_images=4", {"partial_images": 4}), ("format=gif", {"output_format": "gif"}),
+                          ("quality=ultra", {"quality": "ultra"}), ("prompt-empty", {"prompt": ""}),
+                          ("prompt-100k", {"prompt": "x" * 100_000}), ("negative-100k", {"negative_prompt": "x" * 100_000})):
+        cases.append(post_json(f"img-{label}", G, base | change))
+    model = ("model", b"flux2-klein", None, None)
+    for label, parts in (("no-image", [model]), ("image-text", [model, ("image", b"not an image", "a.png", "image/png")]),
+                         ("image-empty", [model, ("image", b"", "a.png", "image/png")]),
+                         ("mask-not-image", [model, ("image", png, "a.png", "image/png"), ("mask", b"x", "m.png", "image/png")]),
+                         ("20-images", [model, *[("image", png, f"{i}.png", "image/png") for i in range(20)]]),
+                         ("model-unknown", [model, ("prompt", b"a hat", None, None), ("image", png, "a.png", "image/png")])):
+        body, ctype = multipart(parts)
+        cases.append(post_raw(f"edit-{label}", E, body, ctype, 404 if label == "model-unknown" else "4xx"))
+    cases += [post_json("edit-json-body", E, base),
+              post_raw("edit-multipart-garbage", E, os.urandom(2048), "multipart/form-data; boundary=zzz"),
+              get("image-file-unknown", "/v1/images/files/img-nope.png", 404),
+              get("image-file-traversal", "/v1/images/files/..%2f..%2fetc%2fpasswd", 404)]
+    sep = ("model", b"sam-audio", None, None)
+    for label, parts, expect in (("no-file", [sep], "4xx"), ("model-unknown", [sep, FILE_PART], 404),
+                                 ("model=whisper", [MODEL_PART, FILE_PART], 400),
+                                 ("steps=3", [sep, ("steps", b"3", None, None), FILE_PART], "4xx"),
+                                 ("method=rk4", [sep, ("method", b"rk4", None, None), FILE_PART], "4xx"),
+                                 ("seed=-1", [sep, ("seed", b"-1", None, None), FILE_PART], "4xx")):
+        body, ctype = multipart(parts)
+        cases.append(post_raw(f"sep-{label}", S, body, ctype, expect))
+    cases.append(post_json("sep-json-body", S, {"model": "sam-audio"}))
+    return cases
+
+
 def get(id: str, path: str, expect: str | int = "4xx", code: str | None = None, method="GET", headers=None) -> Case:
     return Case(id, method, path, None, headers or {}, expect, code)
 
@@ -816,7 +860,7 @@ def route_cases() -> list[Case]:
 
 
 def corpus() -> list[Case]:
-    cases = llm_cases() + embedding_cases() + model_name_cases() + transport_cases() + audio_cases() + route_cases()
+    cases = llm_cases() + embedding_cases() + model_name_cases() + transport_cases() + audio_cases() + media_cases() + route_cases()
     seen: dict[str, int] = {}
     for c in cases:  # ids must be unique and printable
         c.id = "".join(ch if 32 < ord(ch) < 127 else "?" for ch in c.id)

@@ -45,6 +45,7 @@ class Preset:
     edit_class: str | None = None  # the pipeline that takes reference images
     negative_prompt: bool = False  # the pipeline takes one
     batched: bool = False  # Orchard runs its denoising loop (one transformer call per step for a batch)
+    generates: bool = True  # makes images from a prompt alone (an edit-only pipeline does not)
 
 
 _FLUX = "mflux.models.flux.variants"
@@ -53,13 +54,15 @@ _QWEN = "mflux.models.qwen.variants"
 PRESETS: dict[str, Preset] = {
     "flux-schnell": Preset(f"{_FLUX}.txt2img.flux:Flux1", "schnell", 4, None, negative_prompt=True),
     "flux-dev": Preset(f"{_FLUX}.txt2img.flux:Flux1", "dev", 25, 3.5, negative_prompt=True),
-    "flux-kontext-dev": Preset(f"{_FLUX}.kontext.flux_kontext:Flux1Kontext", "dev_kontext", 25, 2.5),
+    "flux-kontext-dev": Preset(f"{_FLUX}.kontext.flux_kontext:Flux1Kontext", "dev_kontext", 25, 2.5,
+                               edit_class=f"{_FLUX}.kontext.flux_kontext:Flux1Kontext"),
     "flux2-klein": Preset(f"{_FLUX2}.txt2img.flux2_klein:Flux2Klein", "flux2_klein_4b", 4, 1.0,
                           edit_class=f"{_FLUX2}.edit.flux2_klein_edit:Flux2KleinEdit", batched=True),
     "z-image-turbo": Preset("mflux.models.z_image:ZImage", "z_image_turbo", 9, None, negative_prompt=True),
     "qwen-image": Preset(f"{_QWEN}.txt2img.qwen_image:QwenImage", "qwen_image", 30, 4.0, negative_prompt=True),
     "qwen-image-edit": Preset(f"{_QWEN}.edit.qwen_image_edit:QwenImageEdit", "qwen_image_edit", 30, 4.0,
-                              edit_class=f"{_QWEN}.edit.qwen_image_edit:QwenImageEdit", negative_prompt=True),
+                              edit_class=f"{_QWEN}.edit.qwen_image_edit:QwenImageEdit", negative_prompt=True,
+                              generates=False),
 }
 # diffusers' pipeline class (model_index.json) -> preset; FLUX.1 schnell and dev share a class.
 _PIPELINES = {"FluxKontextPipeline": "flux-kontext-dev", "Flux2KleinPipeline": "flux2-klein", "ZImagePipeline": "z-image-turbo",
@@ -156,6 +159,8 @@ class ImageEngine:
             raise InvalidRequestError(f"steps must be between 1 and {self.max_steps}", param="steps")
         if job.negative_prompt and not self.preset.negative_prompt:
             raise InvalidRequestError("this model takes no negative_prompt", param="negative_prompt")
+        if not job.references and not self.preset.generates:
+            raise InvalidRequestError("this model edits images: send them to /v1/images/edits", param="model")
         if job.references and not self.can_edit:
             raise InvalidRequestError("this model cannot edit images (use an edit model, e.g. flux2-klein or qwen-image-edit)",
                                       param="image")
@@ -195,7 +200,7 @@ class ImageEngine:
                 path.write_bytes(data)
                 paths.append(str(path))
             kwargs: dict[str, Any] = {"seed": job.seed, "prompt": job.prompt, "num_inference_steps": job.steps,
-                                      "width": job.width, "height": job.height, "image_paths": paths}
+                                      "width": job.width, "height": job.height, **reference_kwargs(self._edit_model, paths)}
             if job.guidance is not None:
                 kwargs["guidance"] = job.guidance
             if job.negative_prompt:
@@ -253,6 +258,18 @@ class ImageEngine:
 
     def _decode(self, latents: Any, latent_height: int, latent_width: int, config: Any) -> Image.Image:
         return self._decode_batch(latents, latent_height, latent_width, config)[0]
+
+
+def reference_kwargs(pipeline: Any, paths: list[str]) -> dict[str, Any]:
+    """How an edit pipeline takes its images: a list (FLUX.2, Qwen-Image-Edit) or one (Kontext)."""
+    import inspect
+
+    parameters = inspect.signature(pipeline.generate_image).parameters
+    if "image_paths" in parameters:
+        return {"image_paths": paths}
+    if len(paths) > 1:
+        raise InvalidRequestError("this model edits one image at a time", param="image")
+    return {"image_path": paths[0]}
 
 
 def _load_class(path: str) -> Any:

@@ -64,3 +64,30 @@ def test_the_preset_is_read_from_the_model_directory(tiny_image_dir, tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')  # schnell or dev: the config must say
     with pytest.raises(ValueError, match="preset"):
         detect_preset(tmp_path)
+
+
+@pytest.mark.parametrize("preset", ["flux-kontext-dev", "flux2-klein", "qwen-image-edit"])
+def test_each_edit_pipeline_gets_its_images_the_way_its_generate_image_takes_them(preset):
+    from mlx_orchard.engines.images import PRESETS, _load_class, reference_kwargs
+
+    edit_class = PRESETS[preset].edit_class
+    assert edit_class is not None
+    pipeline = _load_class(edit_class)  # the class: its generate_image signature is what matters
+    one = reference_kwargs(pipeline, ["a.png"])
+    if preset == "flux-kontext-dev":
+        assert one == {"image_path": "a.png"}
+        with pytest.raises(InvalidRequestError):
+            reference_kwargs(pipeline, ["a.png", "b.png"])
+    else:
+        assert one == {"image_paths": ["a.png"]} and reference_kwargs(pipeline, ["a", "b"]) == {"image_paths": ["a", "b"]}
+
+
+def test_every_preset_names_a_pipeline_and_a_config_mflux_has():
+    from mflux.models.common.config import ModelConfig
+
+    from mlx_orchard.engines.images import PRESETS, _load_class
+
+    for preset in PRESETS.values():
+        assert callable(getattr(ModelConfig, preset.config))
+        for path in filter(None, (preset.model_class, preset.edit_class)):
+            assert hasattr(_load_class(path), "generate_image")
