@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import secrets
 import shutil
 import socket
@@ -89,9 +90,17 @@ def pytest_unconfigure(config) -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range (32768+) and above Ray's worker ports
+    (10002-19999): the processes a Ray cluster starts bind ephemeral ports of their own, and
+    one took a port the kernel had just handed us for the dashboard (a CI run failed on it)."""
+    for port in random.sample(range(20_000, 30_000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-30000")
 
 
 def default_args() -> dict:

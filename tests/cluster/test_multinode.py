@@ -9,22 +9,15 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import socket
 import time
 
 import httpx
 import pytest
 
-from tests.conftest import default_args
+from tests.conftest import _free_port, default_args
 
 MODEL = "smollm2"
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _app_args() -> dict:
