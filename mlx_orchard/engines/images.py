@@ -244,20 +244,17 @@ class ImageEngine:
             for i in live:
                 send = jobs[i].on_partial
                 if send is not None and step in partial_at[i] and step < config.num_inference_steps - 1:
-                    send(sent[i], self._decode(latents[i : i + 1], latent_height, latent_width, config))
+                    send(sent[i], self._decode(latents[i : i + 1], latent_height, latent_width)[0])
                     sent[i] += 1
-        images = self._decode_batch(latents, latent_height, latent_width, config)
+        images = self._decode(latents, latent_height, latent_width)
         return [images[i] if i in live else None for i in range(len(jobs))]
 
-    def _decode_batch(self, latents: Any, latent_height: int, latent_width: int, config: Any) -> list[Image.Image]:
+    def _decode(self, latents: Any, latent_height: int, latent_width: int) -> list[Image.Image]:
         from mflux.utils.image_util import ImageUtil
 
         packed = latents.reshape(latents.shape[0], latent_height, latent_width, latents.shape[-1]).transpose(0, 3, 1, 2)
         decoded = self.model.vae.decode_packed_latents(packed, tiling_config=self.model.tiling_config)
         return [ImageUtil.to_pil(decoded[i : i + 1]) for i in range(decoded.shape[0])]
-
-    def _decode(self, latents: Any, latent_height: int, latent_width: int, config: Any) -> Image.Image:
-        return self._decode_batch(latents, latent_height, latent_width, config)[0]
 
 
 def reference_kwargs(pipeline: Any, paths: list[str]) -> dict[str, Any]:

@@ -6,9 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from mlx_orchard.engines.separation import STEPS
 from mlx_orchard.protocol.common import ModelRequest
-
-STEPS = (2, 4, 8, 16, 32)  # the ODE step counts SAM-Audio is documented with
 
 
 class SeparationForm(ModelRequest):
