@@ -52,11 +52,10 @@ class SeparationDeployment(MLXThread, MultiplexedFamily):
         await self._init_pool(spec, manager)
 
     def resolve(self, entry: SeparationEntry) -> Path:  # type: ignore[override]
-        path = resolve_directory(entry.source)
-        separation_text_encoder(path)  # fetched now (if it is not in the directory), not on first use
-        return path
+        return resolve_directory(entry.source)
 
     async def load_model(self, entry: SeparationEntry, path: Path) -> _Separator:  # type: ignore[override]
+        # T5 lives in the directory, or is fetched here by the name in its config (once per load)
         text_encoder = await asyncio.to_thread(separation_text_encoder, path)
         engine = await self.on_mlx_thread(lambda: SeparationEngine(path, text_encoder_dir=text_encoder))
         return _Separator(engine, entry)

@@ -179,13 +179,7 @@ class ImageEngine:
     def _generate_one(self, job: ImageJob) -> Image.Image | None:
         if job.cancelled():
             return None
-        kwargs: dict[str, Any] = {"seed": job.seed, "prompt": job.prompt, "num_inference_steps": job.steps,
-                                  "width": job.width, "height": job.height}
-        if job.guidance is not None:
-            kwargs["guidance"] = job.guidance
-        if job.negative_prompt:
-            kwargs["negative_prompt"] = job.negative_prompt
-        return self.model.generate_image(**kwargs).image
+        return self.model.generate_image(**_pipeline_kwargs(job)).image
 
     def _edit(self, job: ImageJob) -> Image.Image | None:
         if job.cancelled():
@@ -199,12 +193,7 @@ class ImageEngine:
                 path = Path(tmp) / f"reference-{i}.png"
                 path.write_bytes(data)
                 paths.append(str(path))
-            kwargs: dict[str, Any] = {"seed": job.seed, "prompt": job.prompt, "num_inference_steps": job.steps,
-                                      "width": job.width, "height": job.height, **reference_kwargs(self._edit_model, paths)}
-            if job.guidance is not None:
-                kwargs["guidance"] = job.guidance
-            if job.negative_prompt:
-                kwargs["negative_prompt"] = job.negative_prompt
+            kwargs = {**_pipeline_kwargs(job), **reference_kwargs(self._edit_model, paths)}
             return self._edit_model.generate_image(**kwargs).image
 
     def _denoise_batch(self, jobs: list[ImageJob], on_step: Callable[[int, int], None] | None) -> list[Image.Image | None]:
@@ -255,6 +244,18 @@ class ImageEngine:
         packed = latents.reshape(latents.shape[0], latent_height, latent_width, latents.shape[-1]).transpose(0, 3, 1, 2)
         decoded = self.model.vae.decode_packed_latents(packed, tiling_config=self.model.tiling_config)
         return [ImageUtil.to_pil(decoded[i : i + 1]) for i in range(decoded.shape[0])]
+
+
+def _pipeline_kwargs(job: ImageJob) -> dict[str, Any]:
+    """A job as mflux's ``generate_image`` arguments (guidance and negative prompt only when set:
+    each pipeline has its own defaults)."""
+    kwargs: dict[str, Any] = {"seed": job.seed, "prompt": job.prompt, "num_inference_steps": job.steps,
+                              "width": job.width, "height": job.height}
+    if job.guidance is not None:
+        kwargs["guidance"] = job.guidance
+    if job.negative_prompt:
+        kwargs["negative_prompt"] = job.negative_prompt
+    return kwargs
 
 
 def reference_kwargs(pipeline: Any, paths: list[str]) -> dict[str, Any]:
