@@ -59,13 +59,14 @@ $(VENV)/.installed-test: $(STAMP) $(KOKORO_VOICES)
 install-test: system-packages $(VENV)/.installed-test
 
 # Debian/Ubuntu: OpenBLAS makes MLX CPU matmuls ~40x faster; espeak-ng speaks test audio;
-# ffmpeg decodes m4a/mp4/webm uploads.
+# ffmpeg decodes m4a/mp4/webm uploads; chromium and its driver run the playground's browser tests.
+SYSTEM_PACKAGES := libopenblas0-pthread espeak-ng ffmpeg chromium chromium-driver
 system-packages:
 ifeq ($(UNAME),Linux)
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	  dpkg -s libopenblas0-pthread espeak-ng ffmpeg >/dev/null 2>&1 || \
-	  (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread espeak-ng ffmpeg >/dev/null); \
-	else echo "note: install libopenblas0-pthread and espeak-ng with your package manager"; fi
+	  dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || \
+	  (apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null); \
+	else echo "note: install $(SYSTEM_PACKAGES) with your package manager"; fi
 endif
 
 # Serve's throughput-optimized mode, and model replicas at normal priority (Ray starts its

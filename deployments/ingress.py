@@ -25,6 +25,7 @@ from deployments.http import (
     with_keepalive,
 )
 from deployments.routers.models import router as models_router
+from deployments.routers.playground import router as playground_router
 from deployments.routers.uploads import FORM_SLACK
 from mlx_orchard.config import IngressOptions
 from mlx_orchard.errors import (
@@ -178,6 +179,8 @@ def build_api(ingress: Ingress) -> FastAPI:
         return await asyncio.to_thread(cluster_view)
 
     app.include_router(models_router(ingress))
+    if ingress.options.playground:
+        app.include_router(playground_router())
     for family in FAMILIES:
         if family.router:  # a family without one is served by another family's routes
             app.include_router(family.router_factory()(ingress))

@@ -389,6 +389,9 @@ class IngressOptions(Strict):
     realtime_model: str | None = Field(
         None, description="the transcription model of /v1/realtime sockets that name none (?model= or session.update)"
     )
+    playground: bool = Field(
+        True, description="serve the playground page at / (it uses only the public API, with the key the user enters); false: / is a 404"
+    )
     deployment: DeploymentOptions = DeploymentOptions()
 
 
