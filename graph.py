@@ -29,6 +29,8 @@ def build_app(args: OrchardArgs) -> Application:
     if isinstance(args, dict):  # called directly rather than through `serve run`
         args = OrchardArgs.model_validate(args)
     env_vars = replica_env_vars(args.runtime.blas, args.runtime.env_vars)
+    metrics_env = {} if args.runtime.metrics else {"ORCHARD_METRICS": "0"}  # read by deployments/metrics.py
+    env_vars = {**metrics_env, **env_vars}
     # Replicas (and the manager, which downloads) reach the Hub mirror the config names.
     if args.models.hub_endpoint:
         env_vars = {"HF_ENDPOINT": args.models.hub_endpoint, **env_vars}
@@ -65,5 +67,5 @@ def build_app(args: OrchardArgs) -> Application:
     routes = {
         alias: Route(c.name, c.family, c.deployment) for c in configured for alias in (c.name, *c.aliases)
     }
-    ingress = IngressDeployment.options(**args.ingress.deployment.ray_options())  # type: ignore[misc,operator]  # a Deployment
+    ingress = IngressDeployment.options(**args.ingress.ray_options(metrics_env))  # type: ignore[misc,operator]  # a Deployment
     return ingress.bind(routes, handles, args.ingress, manager, args.models.management_api)

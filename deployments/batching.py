@@ -2,36 +2,45 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
-from ray.util import metrics
+from ray import serve
 
+from deployments.metrics import PoolMetrics
 from mlx_orchard.config import BatchingOptions
 
 
 class LiveBatching:
     """Mixin: the subclass names its ``@serve.batch`` method in ``batch_method`` and calls
     ``_init_batching`` in ``__init__``. Serve calls ``reconfigure`` with the deployment's
-    ``user_config`` at start and on every config update, so every knob here is live."""
+    ``user_config`` at start and on every config update, so every knob here is live.
+    The batch method runs its batch inside ``with self.running_batch(len(batch)):``."""
 
     batch_method = "_run_batch"
 
-    def _init_batching(self, family: str, model: str) -> None:
+    executing: Any  # MultiplexedFamily's: requests being computed now, per model
+    metrics: PoolMetrics  # MultiplexedFamily's
+
+    def _init_batching(self) -> None:
         self._recent_batches: deque[int] = deque(maxlen=256)
         self._batch_count = 0
-        self._batch_size = metrics.Histogram(
-            "orchard_batch_size",
-            "requests per executed batch",
-            boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
-            tag_keys=("family", "model"),
-        )
-        self._batch_size.set_default_tags({"family": family, "model": model})
 
-    def record_batch(self, size: int) -> None:
+    @contextlib.contextmanager
+    def running_batch(self, size: int) -> Iterator[None]:
+        """Counts a batch while it runs: its size, and its requests as no longer queued. Serve
+        forms each batch from one model's requests (their multiplexed model id)."""
+        model = serve.get_multiplexed_model_id()
         self._batch_count += 1
         self._recent_batches.append(size)
-        self._batch_size.observe(size)
+        self.metrics.batch_size.observe(size, tags={"model": model})
+        self.executing[model] += size
+        try:
+            yield
+        finally:
+            self.executing[model] -= size
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         options = BatchingOptions.model_validate(user_config)

@@ -30,11 +30,10 @@ class _Job:
 @serve.deployment(name="embeddings", health_check_period_s=10)
 class EmbeddingsDeployment(MLXThread, LiveBatching, MultiplexedFamily):
     batch_method = "_run_batch"
-    family_name = "embeddings"
 
     async def __init__(self, spec: PoolSpec, manager: DeploymentHandle | None = None):  # type: ignore[misc]  # Ray awaits it
         self._init_mlx_thread("embeddings")
-        self._init_batching("embeddings", spec.deployment)
+        self._init_batching()
         await self._init_pool(spec, manager)
 
     def resolve(self, entry: EmbeddingsEntry) -> Path:  # type: ignore[override]
@@ -74,25 +73,29 @@ class EmbeddingsDeployment(MLXThread, LiveBatching, MultiplexedFamily):
             except asyncio.CancelledError:
                 job.abandoned = True
                 raise
-            return vectors, sum(len(x) for x in ids)
+            tokens = sum(len(x) for x in ids)
+            model = serve.get_multiplexed_model_id() or self._only_model()
+            self.metrics.processed(model, "inputs", len(ids))
+            self.metrics.processed(model, "tokens", tokens)
+            return vectors, tokens
 
     @serve.batch  # its size and wait come from the pool's `batching` (reconfigure), nowhere else
     async def _run_batch(self, jobs: list[_Job]) -> list[np.ndarray]:
         # Serve splits batches by model id; one forward pass per engine all the same.
-        self.record_batch(len(jobs))
-        results: dict[int, np.ndarray] = {}
-        for engine in {id(j.engine): j.engine for j in jobs}.values():
-            group = [j for j in jobs if j.engine is engine]
-            flat = [ids for job in group for ids in job.ids]
-            owner = [job for job in group for _ in job.ids]
-            vectors = await self.on_mlx_thread(
-                lambda e=engine, f=flat, o=owner: e.embed_prepared(f, wanted=lambda i: not o[i].abandoned)
-            )
-            start = 0
-            for job in group:
-                results[id(job)] = shorten(vectors[start : start + len(job.ids)], job.dimensions)
-                start += len(job.ids)
-        return [results[id(job)] for job in jobs]
+        with self.running_batch(len(jobs)):
+            results: dict[int, np.ndarray] = {}
+            for engine in {id(j.engine): j.engine for j in jobs}.values():
+                group = [j for j in jobs if j.engine is engine]
+                flat = [ids for job in group for ids in job.ids]
+                owner = [job for job in group for _ in job.ids]
+                vectors = await self.on_mlx_thread(
+                    lambda e=engine, f=flat, o=owner: e.embed_prepared(f, wanted=lambda i: not o[i].abandoned)
+                )
+                start = 0
+                for job in group:
+                    results[id(job)] = shorten(vectors[start : start + len(job.ids)], job.dimensions)
+                    start += len(job.ids)
+            return [results[id(job)] for job in jobs]
 
     async def check_health(self) -> None:
         self.check_mlx_thread()

@@ -22,7 +22,6 @@ from pathlib import Path
 from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from ray.util import metrics
 
 from deployments.batching import LiveBatching
 from deployments.mlx_thread import MLXThread
@@ -48,13 +47,10 @@ class _ImageModel:
 @serve.deployment(name="images", health_check_period_s=10)
 class ImagesDeployment(MLXThread, LiveBatching, MultiplexedFamily):
     batch_method = "_run_batch"
-    family_name = "images"
 
     async def __init__(self, spec: PoolSpec, manager: DeploymentHandle | None = None):  # type: ignore[misc]  # Ray awaits it
         self._init_mlx_thread("images")
-        self._init_batching("images", spec.deployment)
-        self._generated = metrics.Counter("orchard_images_generated", "images generated", ("model",))
-        self._steps = metrics.Counter("orchard_images_denoising_steps", "denoising steps run (one per batch)", ("model",))
+        self._init_batching()
         self._requests = 0
         self._images = 0
         await self._init_pool(spec, manager)
@@ -122,7 +118,7 @@ class ImagesDeployment(MLXThread, LiveBatching, MultiplexedFamily):
                         done += 1
                         image = composite(image, references, mask)
                         self._images += 1
-                        self._generated.inc(tags={"model": model.entry.name})
+                        self.metrics.processed(model.entry.name, "images")
                     data = await asyncio.to_thread(encode, image, output_format, output_compression)
                     yield ImageOut(i, data, k)
             finally:
@@ -132,25 +128,25 @@ class ImagesDeployment(MLXThread, LiveBatching, MultiplexedFamily):
 
     @serve.batch  # its size and wait come from the pool's `batching` (reconfigure)
     async def _run_batch(self, items: list[tuple[_ImageModel, ImageJob]]) -> list[Image.Image | None]:
-        self.record_batch(len(items))
-        out: dict[int, Image.Image | None] = {}
-        groups: dict[tuple, list[int]] = {}
-        for i, (model, job) in enumerate(items):
-            groups.setdefault((id(model), job.shape()), []).append(i)
-        for indices in groups.values():
-            model = items[indices[0]][0]
-            jobs = [items[i][1] for i in indices]
-            name, size = model.entry.name, f"{jobs[0].width}x{jobs[0].height}"
-            started = time.perf_counter()
+        with self.running_batch(len(items)):
+            out: dict[int, Image.Image | None] = {}
+            groups: dict[tuple, list[int]] = {}
+            for i, (model, job) in enumerate(items):
+                groups.setdefault((id(model), job.shape()), []).append(i)
+            for indices in groups.values():
+                model = items[indices[0]][0]
+                jobs = [items[i][1] for i in indices]
+                name, size = model.entry.name, f"{jobs[0].width}x{jobs[0].height}"
+                started = time.perf_counter()
 
-            def progress(step: int, total: int, name=name, size=size, count=len(jobs)) -> None:
-                self._steps.inc(tags={"model": name})
-                logger.info("images %s: step %d/%d of %d x %s", name, step, total, count, size)
+                def progress(step: int, total: int, name=name, size=size, count=len(jobs)) -> None:
+                    self.metrics.processed(name, "steps")  # denoising steps, one per batch
+                    logger.info("images %s: step %d/%d of %d x %s", name, step, total, count, size)
 
-            images = await self.on_mlx_thread(model.engine.generate, jobs, progress)
-            logger.info("images %s: %d x %s in %.1f s", name, len(jobs), size, time.perf_counter() - started)
-            out.update(zip(indices, images))
-        return [out[i] for i in range(len(items))]
+                images = await self.on_mlx_thread(model.engine.generate, jobs, progress)
+                logger.info("images %s: %d x %s in %.1f s", name, len(jobs), size, time.perf_counter() - started)
+                out.update(zip(indices, images))
+            return [out[i] for i in range(len(items))]
 
     async def check_health(self) -> None:
         self.check_mlx_thread()

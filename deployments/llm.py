@@ -12,9 +12,9 @@ from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from ray.util import metrics
 
 from deployments.llm_client import merged_calls
+from deployments.metrics import BATCH_SIZES, LATENCY_S, TOKEN_GAP_S, counter, gauge, histogram
 from deployments.multiplex import MultiplexedFamily
 from mlx_orchard.config import GenerativeEntry, LLMEntry
 from mlx_orchard.engines.fair_lock import FairLock
@@ -62,6 +62,15 @@ class GenerativeFamily(MultiplexedFamily):
         async with self.using(keep_alive_s=keep_alive_s) as model:
             async for item in model.generate(params, **kwargs):
                 yield item
+
+    def sample_metrics(self) -> None:
+        super().sample_metrics()
+        for slot in list(self.pool.slots.values()):
+            if not slot.closing:
+                slot.model.sample_metrics()
+
+    def queue_depth(self, slot: Any) -> int:
+        return 0 if slot.closing else slot.model.engine.stats().waiting  # sequences not yet in the batch
 
     def stats(self) -> EngineStats:
         """The engine stats of the request's model (its multiplexed id)."""
@@ -170,6 +179,8 @@ def _engine_options(entry: GenerativeEntry, mlx_lock: AbstractContextManager) ->
 class LLMModel:
     """One loaded LLM: its engine, its sampling defaults, its tokenizer thread and metrics."""
 
+    family = "llm"
+
     def __init__(self, entry: GenerativeEntry, path: Path, mlx_lock: AbstractContextManager, served_by: str):
         self.name = entry.name
         self.served_by = served_by
@@ -186,22 +197,47 @@ class LLMModel:
         # (which streams every other request's tokens) and off the MLX thread. One thread:
         # a fast tokenizer must not be used from two threads at once.
         self._text = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orchard-llm-tokenize")
-        tags = {"model": entry.name}
-        self._requests = metrics.Counter("orchard_llm_requests", "LLM requests admitted", ("model",))
-        self._tokens = metrics.Counter("orchard_llm_generated_tokens", "tokens generated", ("model",))
-        self._ttft = metrics.Histogram(
-            "orchard_llm_time_to_first_token_s",
-            "seconds from admission to the first token",
-            boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10],
-            tag_keys=("model",),
-        )
-        self._drafted = metrics.Counter("orchard_llm_spec_draft_tokens", "speculative tokens drafted", ("model",))
-        self._accepted = metrics.Counter(
-            "orchard_llm_spec_accepted_tokens", "speculative tokens accepted (acceptance: accepted / draft)", ("model",)
-        )
+        self._init_metrics({"family": self.family, "model": entry.name})
+
+    def _init_metrics(self, tags: dict[str, str]) -> None:
+        # Per request or per token on the event loop; per step (gauges, batch sizes) in
+        # ``sample_metrics``, from counts the engine thread keeps: none on the MLX thread.
+        self._requests = counter("orchard_llm_requests", "requests admitted to the batch", tags)
+        self._prompt_tokens = counter("orchard_llm_prompt_tokens", "prompt tokens of admitted requests", tags)
+        self._cached_tokens = counter("orchard_llm_cached_tokens",
+                                      "prompt tokens found in the prefix cache (hit rate: cached / prompt)", tags)
+        self._tokens = counter("orchard_llm_completion_tokens", "tokens generated", tags)
+        self._structured = counter("orchard_llm_structured_requests", "requests decoded under a grammar "
+                                   "(kind: json_schema or tool_call)", tags, ("kind",))
+        self._ttft = histogram("orchard_llm_time_to_first_token_s", "seconds from arrival at the ingress to the first token",
+                               LATENCY_S, tags)
+        self._itl = histogram("orchard_llm_inter_token_latency_s", "seconds between two tokens of one sequence",
+                              TOKEN_GAP_S, tags)
+        self._e2e = histogram("orchard_llm_request_latency_s", "seconds from arrival at the ingress to the last token",
+                              LATENCY_S, tags)
+        self._running = gauge("orchard_llm_running_sequences", "sequences in the batch", tags)
+        self._waiting = gauge("orchard_llm_waiting_sequences", "sequences waiting to join the batch", tags)
+        self._kv_used = gauge("orchard_llm_kv_cache_bytes", "KV-cache bytes the running sequences hold", tags)
+        self._prefix_bytes = gauge("orchard_llm_prefix_cache_bytes", "bytes the prefix cache holds", tags)
+        self._step_size = histogram("orchard_llm_batch_size", "sequences per decode step", BATCH_SIZES, tags)
+        self._drafted = counter("orchard_llm_spec_draft_tokens", "speculative tokens drafted", tags)
+        self._accepted = counter("orchard_llm_spec_accepted_tokens", "speculative tokens accepted (acceptance: accepted / draft)",
+                                 tags)
         self._spec_reported = (0, 0)
-        for m in (self._requests, self._tokens, self._ttft, self._drafted, self._accepted):
-            m.set_default_tags(tags)
+        self._steps_reported = self.engine.step_sizes()
+
+    def sample_metrics(self) -> None:
+        """The engine's gauges now, and the batch sizes of the steps it ran since the last call."""
+        stats = self.engine.stats()
+        self._running.set(stats.running)
+        self._waiting.set(stats.waiting)
+        self._kv_used.set(stats.kv_used_bytes)
+        self._prefix_bytes.set(stats.prefix_cache_bytes)
+        sizes = self.engine.step_sizes()
+        for size, (now, before) in enumerate(zip(sizes, self._steps_reported)):
+            for _ in range(now - before):
+                self._step_size.observe(size)
+        self._steps_reported = sizes
 
     def make_engine(self, entry: Any, path: Path, **options: Any) -> LLMEngine:
         """This family's engine for ``entry`` (an ``LLMEntry`` here)."""
@@ -260,6 +296,7 @@ class LLMModel:
             ids, media = await self._off_loop(lambda: self.encode_messages(messages, images or [], **kwargs))
             grammar = output.grammar(tools, params.json_schema, self.engine.special_token)
             if grammar is not None:
+                self._structured.inc(tags={"kind": "json_schema" if params.json_schema is not None else "tool_call"})
                 # A forced call's opening is certain: it goes into the prompt (one prefill), and
                 # the grammar reads it as already generated.
                 opening = output.forced_prefix(tools)
@@ -270,19 +307,22 @@ class LLMModel:
             ids = await self._off_loop(self.engine.encode, prompt)
         else:
             ids = list(prompt or [])
-        waited = time.time() - arrived_at if arrived_at is not None else 0.0
+        arrived = time.time() if arrived_at is None else arrived_at  # epoch seconds: the ingress may be on another node
+        waited = time.time() - arrived if arrived_at is not None else 0.0
         chunks = self.engine.generate(ids, params.with_defaults(**self.sampling), n=n, waited_s=waited, priority=priority,
                                       media=media)
         # Accepted once the sequences are in the batch: a request shed from the queue still
         # gets a 503 status rather than an error event inside a 200 stream.
         await chunks.admitted()
         self._requests.inc()
+        self._prompt_tokens.inc(len(ids))
+        if chunks.cached_tokens:
+            self._cached_tokens.inc(chunks.cached_tokens)
         yield Accepted(prompt_tokens=len(ids), served_by=self.served_by, cached_tokens=chunks.cached_tokens)
 
         prefix = ""
         if echo:
             prefix = prompt if isinstance(prompt, str) else await self._off_loop(self.engine.decode, ids)
-        start = time.perf_counter()
         in_reasoning = messages is not None and output.starts_in_reasoning(await self._off_loop(self.engine.decode, ids[-16:]))
         parsers = [output.parser(tools if messages is not None else None, in_reasoning) for _ in range(n)]
         # stream: the echo still owed to each choice; else: everything so far, sent at its end
@@ -296,10 +336,18 @@ class LLMModel:
                     yield out
                     outs[i] = ChoiceChunk(i, "", 0, logprobs=out.logprobs and [])
         generated = 0
+        # Token gaps are noted here and recorded once the request is done, off the token path.
+        last_at: list[float | None] = [None] * n
+        gaps: list[tuple[float, int]] = []
         try:
             async for chunk in chunks:
+                now = time.perf_counter()
                 if not generated:
-                    self._ttft.observe(time.perf_counter() - start)
+                    self._ttft.observe(max(0.0, time.time() - arrived))
+                before = last_at[chunk.index]
+                if before is not None and chunk.token_ids:
+                    gaps.append((now - before, len(chunk.token_ids)))  # a chunk may carry several tokens
+                last_at[chunk.index] = now
                 generated += len(chunk.token_ids)
                 new = _parsed(chunk, parsers[chunk.index])
                 if stream:
@@ -313,9 +361,13 @@ class LLMModel:
                         yield outs[chunk.index]
         finally:
             await chunks.aclose()
-            # Counted once per request, not per chunk: the metric stays off the token path.
+            # Counted once per request, not per chunk: the metrics stay off the token path.
             if generated:
                 self._tokens.inc(generated)
+                self._e2e.observe(max(0.0, time.time() - arrived))
+                for gap, tokens in gaps:
+                    for _ in range(tokens):
+                        self._itl.observe(gap / tokens)
                 self._report_speculation()
 
     def _report_speculation(self) -> None:
@@ -346,7 +398,6 @@ class LLMModel:
 class LLMDeployment(GenerativeFamily):
     """The LLM pool (mlx-lm models; GGUF files converted once)."""
 
-    family_name = "llm"
     model_class = LLMModel
 
     def resolve(self, entry: LLMEntry) -> Path:  # type: ignore[override]

@@ -8,7 +8,9 @@ import asyncio
 
 from ray import serve
 
+from deployments.metrics import counter, gauge
 from deployments.multiplex import hf_cache_dir, search_dirs
+from deployments.request_logs import join_serve_logs
 from mlx_orchard.config import ModelsOptions
 from mlx_orchard.errors import ModelNotFoundError
 from mlx_orchard.models.manager import Configured, ModelManager, Route
@@ -19,7 +21,8 @@ from mlx_orchard.wire import ReplicaReport
 # One replica: it is the single source of truth for downloads (one per repo) and reports.
 @serve.deployment(name="models", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
 class ModelManagerDeployment:
-    def __init__(self, configured: list[Configured], pools: dict[str, str], options: ModelsOptions):
+    async def __init__(self, configured: list[Configured], pools: dict[str, str], options: ModelsOptions):  # type: ignore[misc]  # Ray awaits it
+        join_serve_logs()
         # Directories are resolved here, on the replica's node: each machine has its own cache.
         self.manager = ModelManager(
             configured,
@@ -32,6 +35,24 @@ class ModelManagerDeployment:
             report_ttl_s=max(10.0, 5 * options.report_interval_s),
             report_interval_s=options.report_interval_s,
         )
+        self._downloaded = gauge("orchard_download_bytes", "bytes a model download has fetched", {}, ("repo_id",))
+        self._download_size = gauge("orchard_download_total_bytes", "bytes a model download fetches in all", {}, ("repo_id",))
+        self._downloads = counter("orchard_downloads", "model downloads finished (status: done or failed)", {}, ("status",))
+        self._counted: set[int] = set()  # downloads whose end was counted
+        self._sampler = asyncio.create_task(self._sample_downloads(options.report_interval_s))
+
+    async def _sample_downloads(self, interval_s: float) -> None:
+        """Download progress as gauges, every report interval."""
+        while True:
+            for state in self.manager.downloads.all():
+                tags = {"repo_id": state.repo_id}
+                self._downloaded.set(state.bytes_done, tags=tags)
+                if state.bytes_total is not None:
+                    self._download_size.set(state.bytes_total, tags=tags)
+                if state.status != "downloading" and id(state) not in self._counted:
+                    self._counted.add(id(state))
+                    self._downloads.inc(tags={"status": state.status})
+            await asyncio.sleep(interval_s)
 
     async def resolve(self, model: str, timeout_s: float = 600.0) -> Route:
         return await self.manager.resolve(model, timeout_s)

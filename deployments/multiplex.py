@@ -26,6 +26,8 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.metrics import PoolMetrics
+from deployments.request_logs import join_serve_logs
 from mlx_orchard.config import ModelEntry
 from mlx_orchard.errors import InvalidRequestError, ModelNotFoundError
 from mlx_orchard.families import PoolSpec
@@ -49,11 +51,14 @@ class MultiplexedFamily:
     - ``estimate_bytes(entry, path) -> int``: memory it will hold (weights + caches).
     """
 
-    family_name = ""  # the family's config key, for logs
 
     async def _init_pool(self, spec: PoolSpec, manager: DeploymentHandle | None) -> None:
         self.spec = spec
         self.manager = manager
+        join_serve_logs()
+        self.metrics = PoolMetrics(spec.family_spec.name)
+        self.executing: Counter[str] = Counter()  # requests of each model being computed now (batched families)
+        self._gauged: set[str] = set()  # models whose gauges were set (zeroed once they are gone)
         memory = physical_memory_bytes() * 3 // 4 if spec.pool.memory_gb == "auto" else int(spec.pool.memory_gb * (1 << 30))
         self.pool = ModelPool(
             PoolLimits(spec.pool.max_num_models_per_replica, memory, spec.pool.idle_timeout_s)
@@ -76,14 +81,17 @@ class MultiplexedFamily:
     async def model_slot(self, model_id: str) -> Slot:
         started = time.perf_counter()
         self.load_counts[model_id] += 1
+        self.metrics.loads.inc(tags={"model": model_id})
         entry = await asyncio.to_thread(self._entry, model_id)
         path = await asyncio.to_thread(self.resolve, entry)
         nbytes = await asyncio.to_thread(self.estimate_bytes, entry, path)
         for victim in self.pool.plan(model_id, nbytes):
-            await self._evict(victim, reason="to make room for " + model_id)
+            await self._evict(victim, reason="room", detail="to make room for " + model_id)
         model = await self.load_model(entry, path)
         slot = self.pool.add(model_id, model, nbytes, pinned=entry.pinned or self.spec.dedicated)
-        logger.info("loaded model %r (%.2f GB) in %.1f s", model_id, nbytes / (1 << 30), time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self.metrics.load_time.observe(took, tags={"model": model_id})
+        logger.info("loaded model %r (%.2f GB) in %.1f s", model_id, nbytes / (1 << 30), took)
         self._report_soon()
         return slot
 
@@ -124,15 +132,19 @@ class MultiplexedFamily:
             slot = self.pool.get(model_id) or await self.model_slot(model_id)
             if not slot.closing:  # else it was evicted between Serve's cache and here: load again
                 break
-        slot.acquire(time.monotonic())
+        began = time.monotonic()
+        slot.acquire(began)
+        self.metrics.requests.inc(tags={"model": model_id})
         if keep_alive_s is not None and not slot.pinned:
             slot.keep_alive_s = keep_alive_s
         try:
             yield slot.model
         finally:
-            slot.release(time.monotonic())
+            ended = time.monotonic()
+            slot.release(ended)
+            self.metrics.latency.observe(ended - began, tags={"model": model_id})
             if keep_alive_s == 0 and not slot.in_flight and not slot.pinned:
-                asyncio.get_running_loop().create_task(self._evict(slot, reason="keep_alive 0"))
+                asyncio.get_running_loop().create_task(self._evict(slot, reason="keep_alive"))
 
     def _only_model(self) -> str:
         # A call without a model id (a test's handle, an old client): the deployment's model if it has one.
@@ -151,12 +163,14 @@ class MultiplexedFamily:
 
     # ---- unloading ----
 
-    async def _evict(self, slot: Slot, *, reason: str) -> None:
+    async def _evict(self, slot: Slot, *, reason: str, detail: str = "") -> None:
+        """``reason`` (a metric tag): idle, room, asked or keep_alive."""
         if slot.closing:
             return
         self.pool.start_closing(slot)
         self._forget_in_serve(slot.name)
-        logger.info("unloading model %r (%s); waiting for its %d requests", slot.name, reason, slot.in_flight)
+        self.metrics.evictions.inc(tags={"model": slot.name, "reason": reason})
+        logger.info("unloading model %r (%s); waiting for its %d requests", slot.name, detail or reason, slot.in_flight)
         try:
             await slot.drained()
             model, slot.model = slot.model, None
@@ -183,7 +197,7 @@ class MultiplexedFamily:
         slot = self.pool.get(model_id)
         if slot is None or slot.pinned:
             return False
-        await self._evict(slot, reason="asked to")
+        await self._evict(slot, reason="asked")
         return True
 
     # ---- reporting and idle eviction ----
@@ -226,6 +240,7 @@ class MultiplexedFamily:
             try:
                 for slot in self.pool.idle():
                     asyncio.get_running_loop().create_task(self._evict(slot, reason="idle"))
+                self.sample_metrics()
                 if self.manager is not None:
                     to_unload = await self.manager.report.remote(self.loaded())
                     for name in to_unload:
@@ -240,6 +255,25 @@ class MultiplexedFamily:
             deadline = time.monotonic() + interval
             while time.monotonic() < deadline and not self._report_now:
                 await asyncio.sleep(min(0.1, interval))
+
+    def sample_metrics(self) -> None:
+        """The pool's gauges, set every report interval (never on a request's path)."""
+        m = self.metrics
+        m.loaded.set(len(self.pool.slots))
+        m.memory.set(self.pool.used_bytes)
+        names = set(self.pool.slots)
+        for name in self._gauged - names:  # unloaded since: nothing waits on it any more
+            m.in_flight.set(0, tags={"model": name})
+            m.queue_depth.set(0, tags={"model": name})
+        for name, slot in self.pool.slots.items():
+            m.in_flight.set(slot.in_flight, tags={"model": name})
+            m.queue_depth.set(self.queue_depth(slot), tags={"model": name})
+        self._gauged = names
+
+    def queue_depth(self, slot: Slot) -> int:
+        """Requests of ``slot``'s model on this replica that wait for their turn: those not in the
+        work being computed now (``executing``, kept by batched families)."""
+        return max(0, slot.in_flight - self.executing[slot.name])
 
     async def check_pool_health(self) -> None:
         for slot in list(self.pool.slots.values()):

@@ -20,7 +20,6 @@ import numpy as np
 import soundfile as sf
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from ray.util import metrics
 
 from deployments.mlx_thread import MLXThread
 from deployments.multiplex import MultiplexedFamily
@@ -42,11 +41,9 @@ class _Separator:
 
 @serve.deployment(name="separation", health_check_period_s=10)
 class SeparationDeployment(MLXThread, MultiplexedFamily):
-    family_name = "separation"
 
     async def __init__(self, spec: PoolSpec, manager: DeploymentHandle | None = None):  # type: ignore[misc]  # Ray awaits it
         self._init_mlx_thread("separation")
-        self._separated = metrics.Counter("orchard_separation_audio_seconds", "seconds of audio separated", ("model",))
         self._requests = 0
         self._chunks = 0
         await self._init_pool(spec, manager)
@@ -83,7 +80,7 @@ class SeparationDeployment(MLXThread, MultiplexedFamily):
                 joined.add(chunk)
                 self._chunks += 1
             result = joined.result()
-            self._separated.inc(len(samples) / engine.sample_rate, tags={"model": model.entry.name})
+            self.metrics.processed(model.entry.name, "audio_seconds", len(samples) / engine.sample_rate)
             target, residual = await asyncio.gather(asyncio.to_thread(_wav_base64, result.target, engine.sample_rate),
                                                     asyncio.to_thread(_wav_base64, result.residual, engine.sample_rate))
             return SeparationResponse(target=target, residual=residual, sample_rate=engine.sample_rate)

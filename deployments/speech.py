@@ -16,7 +16,6 @@ from pathlib import Path
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from ray.util import metrics
 
 from deployments.mlx_thread import MLXThread
 from deployments.multiplex import MultiplexedFamily
@@ -38,11 +37,9 @@ class _Speech:
 
 @serve.deployment(name="tts", health_check_period_s=10)
 class SpeechDeployment(MLXThread, MultiplexedFamily):
-    family_name = "tts"
 
     async def __init__(self, spec: PoolSpec, manager: DeploymentHandle | None = None):  # type: ignore[misc]  # Ray awaits it
         self._init_mlx_thread("tts")
-        self._synthesized = metrics.Counter("orchard_tts_audio_seconds", "seconds of audio synthesized", ("model",))
         self._requests = 0
         self._chunks = 0
         await self._init_pool(spec, manager)
@@ -101,7 +98,7 @@ class SpeechDeployment(MLXThread, MultiplexedFamily):
                 raise
             finally:
                 if samples:
-                    self._synthesized.inc(samples / engine.sample_rate, tags={"model": model.entry.name})
+                    self.metrics.processed(model.entry.name, "audio_seconds", samples / engine.sample_rate)
             yield SpeechEnd(phonemes, samples)
 
     async def check_health(self) -> None:

@@ -33,11 +33,10 @@ from mlx_orchard.runtime import release_mlx_memory
 @serve.deployment(name="whisper", health_check_period_s=10)
 class WhisperDeployment(MLXThread, LiveBatching, MultiplexedFamily):
     batch_method = "_run_batch"
-    family_name = "whisper"
 
     async def __init__(self, spec: PoolSpec, manager: DeploymentHandle | None = None):  # type: ignore[misc]  # Ray awaits it
         self._init_mlx_thread("whisper")
-        self._init_batching("whisper", spec.deployment)
+        self._init_batching()
         batching = spec.batching()
         self.max_batch_size = batching.max_batch_size if batching else 8
         await self._init_pool(spec, manager)
@@ -47,7 +46,7 @@ class WhisperDeployment(MLXThread, LiveBatching, MultiplexedFamily):
 
     async def load_model(self, entry: WhisperEntry, path: Path) -> _Whisper:  # type: ignore[override]
         engine = await self.on_mlx_thread(lambda: WhisperEngine(path, max_batch_size=self.max_batch_size))
-        return _Whisper(engine, entry.max_audio_seconds)
+        return _Whisper(entry.name, engine, entry.max_audio_seconds)
 
     async def release_memory(self) -> None:
         await self.on_mlx_thread(release_mlx_memory)
@@ -71,6 +70,7 @@ class WhisperDeployment(MLXThread, LiveBatching, MultiplexedFamily):
             except AudioDecodeError as e:
                 raise InvalidRequestError(str(e), param="file", code="invalid_audio_format") from e
             result = await self._transcribe(engine, samples, task, language, prompt, temperature, word_timestamps)
+            self.metrics.processed(model.name, "audio_seconds", len(samples) / SAMPLE_RATE)
             return _verbose(result, task)
 
     async def transcribe_pcm(self, samples: np.ndarray, *, language: str | None = None, prompt: str | None = None,
@@ -81,6 +81,7 @@ class WhisperDeployment(MLXThread, LiveBatching, MultiplexedFamily):
             if samples.ndim != 1 or samples.dtype != np.float32 or len(samples) > model.max_audio_seconds * SAMPLE_RATE:
                 raise InvalidRequestError("live audio must be mono float32 within the model's length limit", param="audio")
             result = await self._transcribe(model.engine, samples, "transcribe", language, prompt, 0.0, False)
+            self.metrics.processed(model.name, "audio_seconds", len(samples) / SAMPLE_RATE)
             return result.text
 
     async def _transcribe(self, engine: WhisperEngine, samples: np.ndarray, task: Literal["transcribe", "translate"],
@@ -96,13 +97,13 @@ class WhisperDeployment(MLXThread, LiveBatching, MultiplexedFamily):
     @serve.batch  # its size and wait come from the pool's `batching` (reconfigure), nowhere else
     async def _run_batch(self, clips: list[tuple[WhisperEngine, ClipRequest]]) -> list[TranscriptionResult]:
         # Serve splits batches by model id; grouped by engine all the same.
-        self.record_batch(len(clips))
-        results: dict[int, TranscriptionResult] = {}
-        for engine in {id(e): e for e, _ in clips}.values():
-            group = [(i, c) for i, (e, c) in enumerate(clips) if e is engine]
-            out = await self.on_mlx_thread(engine.transcribe, [c for _, c in group])
-            results.update({i: r for (i, _), r in zip(group, out)})
-        return [results[i] for i in range(len(clips))]
+        with self.running_batch(len(clips)):
+            results: dict[int, TranscriptionResult] = {}
+            for engine in {id(e): e for e, _ in clips}.values():
+                group = [(i, c) for i, (e, c) in enumerate(clips) if e is engine]
+                out = await self.on_mlx_thread(engine.transcribe, [c for _, c in group])
+                results.update({i: r for (i, _), r in zip(group, out)})
+            return [results[i] for i in range(len(clips))]
 
     def apply_batching(self, options: BatchingOptions) -> None:
         # The engines split what one @serve.batch call hands them at this size too.
@@ -121,6 +122,7 @@ class WhisperDeployment(MLXThread, LiveBatching, MultiplexedFamily):
 
 @dataclass
 class _Whisper:
+    name: str
     engine: WhisperEngine
     max_audio_seconds: float
 

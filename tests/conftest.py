@@ -118,7 +118,9 @@ def serve_instance():
     # share each and test modules run apps of their own beside it: with Ray's default (one per
     # core, 2 here) their replicas could run out of room and serve.run would wait forever (a CI
     # run timed out on exactly that, when the pools reserved 0.5 each).
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    # Metrics reach the node's Prometheus export every second (Ray's default: 10 s), so the
+    # metrics tests see what they drove soon.
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _system_config={"metrics_report_interval_ms": 1000})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     ray.shutdown()  # takes Serve down with it; serve.shutdown() waits 30 s on this box

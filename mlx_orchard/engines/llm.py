@@ -94,6 +94,7 @@ class EngineStats:
     alive: bool
     failed_steps: int = 0
     kv_reserved_bytes: int = 0  # what the running sequences may grow to
+    kv_used_bytes: int = 0  # what the running sequences' tokens hold now (after the last step)
     kv_bytes_per_token: int = 0  # KV-cache bytes one token of one sequence takes (after kv_bits)
     kv_budget_bytes: int | None = None
     prefix_cache_bytes: int = 0
@@ -229,6 +230,9 @@ class LLMEngine:
         self._failed_steps = 0
         self._prefilled = 0
         self._generated = 0
+        self._kv_tokens = 0  # tokens the running sequences hold, after the last step
+        # steps run at each batch size (index): a list, so other threads copy it whole under the GIL
+        self._step_sizes = [0] * (max_batch_size + 1)
         self._fatal: BaseException | None = None
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Sequence, GenerationChunk]]] = {}
         self._grammars: Grammars | None = None
@@ -522,6 +526,7 @@ class LLMEngine:
             alive=self.is_alive(),
             failed_steps=self._failed_steps,
             kv_reserved_bytes=self._reserved,
+            kv_used_bytes=self._kv_tokens * getattr(self, "kv_bytes_per_token", 0),
             kv_bytes_per_token=getattr(self, "kv_bytes_per_token", 0),
             kv_budget_bytes=self.kv_budget,
             prefix_cache_bytes=self._prefix_cache.nbytes if self._prefix_cache is not None else 0,
@@ -532,6 +537,10 @@ class LLMEngine:
             draft_tokens=spec.drafted if spec is not None else 0,
             accepted_tokens=spec.accepted if spec is not None else 0,
         )
+
+    def step_sizes(self) -> list[int]:
+        """How many steps ran at each batch size (the index) since the engine started."""
+        return list(self._step_sizes)
 
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self._fatal is None and not self._stopping
@@ -580,6 +589,7 @@ class LLMEngine:
         self._expire_pending()  # what could not join the batch now, and has waited too long
         if not self._running:
             return
+        self._step_sizes[min(len(self._running), self.max_batch_size)] += 1
         responses = self._generator.step()
         self._steps += 1
         for r in responses:
@@ -593,6 +603,7 @@ class LLMEngine:
                 self._remember(self._cache_key(seq, r.all_tokens or []), r.prompt_cache or [])
         self._deliver()  # a sequence's tokens before its failure, if its sampler fails below
         self._fail_poisoned()
+        self._kv_tokens = sum(len(s.prompt) + s.completion_tokens for s in self._running.values())
 
     def _spawn_followers(self, leader: _Sequence, response: StepToken) -> None:
         followers, leader.followers = [f for f in leader.followers if not f.done], []
