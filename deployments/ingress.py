@@ -24,6 +24,9 @@ from deployments.http import (
     with_deadline,
     with_keepalive,
 )
+from deployments.http_metrics import RequestMetricsMiddleware, note_model
+from deployments.metrics import enabled as metrics_enabled
+from deployments.request_logs import join_serve_logs
 from deployments.routers.models import router as models_router
 from deployments.routers.playground import router as playground_router
 from deployments.routers.uploads import FORM_SLACK
@@ -74,6 +77,7 @@ class Ingress:
             self._found[model] = route
             while len(self._found) > _REMEMBERED_ROUTES:
                 self._found.popitem(last=False)
+        note_model(route.name)
         if family is not None and route.family not in ((family,) if isinstance(family, str) else family):
             raise InvalidRequestError(
                 f"The model `{model}` is a {route.family} model and cannot serve this endpoint.",
@@ -145,6 +149,10 @@ class Ingress:
 @serve.deployment(name="ingress", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class IngressDeployment(Ingress):
+    def __init__(self, *args, **kwargs):
+        join_serve_logs()
+        super().__init__(*args, **kwargs)
+
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self)
 
@@ -193,11 +201,13 @@ def build_api(ingress: Ingress) -> FastAPI:
     )
     if ingress.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=ingress.api_key)
-    # Added last so it is outermost: preflights and error responses carry CORS headers too.
+    # Outside the others: preflights and error responses carry CORS headers too.
     app.add_middleware(
         CORSMiddleware,
         allow_origins=ingress.options.cors_origins,
         allow_methods=["*"],
         allow_headers=["*"],
     )
+    if metrics_enabled():  # outermost: every answer is counted, the other middlewares' refusals too
+        app.add_middleware(RequestMetricsMiddleware, routes=app.router.routes)
     return app

@@ -41,7 +41,6 @@ class VLMModel(LLMModel):
 class VLMDeployment(GenerativeFamily):
     """The vision-language pool (mlx-vlm models)."""
 
-    family_name = "vlm"
     model_class = VLMModel
 
     def resolve(self, entry: VLMEntry) -> Path:  # type: ignore[override]

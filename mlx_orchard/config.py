@@ -394,6 +394,10 @@ class IngressOptions(Strict):
     )
     deployment: DeploymentOptions = DeploymentOptions()
 
+    def ray_options(self, env_vars: dict[str, str]) -> dict[str, Any]:
+        opts = self.deployment.ray_options()
+        return _with_env(opts, env_vars) if env_vars else opts
+
 
 class RuntimeOptions(Strict):
     blas: Literal["auto", "reference"] | str = Field(
@@ -402,6 +406,9 @@ class RuntimeOptions(Strict):
         "'reference' keeps the wheel's BLAS; any other value is a path to a BLAS library to preload",
     )
     env_vars: dict[str, str] = {}
+    metrics: bool = Field(
+        True, description="Orchard's metrics (ray_orchard_* in the Ray dashboard and Prometheus); false: none are recorded"
+    )
 
 
 def __getattr__(name: str):
