@@ -75,8 +75,11 @@ endif
 # cluster `serve run` starts requires ~/.ray/auth_token (created if missing), so other
 # shells need RAY_AUTH_MODE=token for `serve status` / `serve shutdown`.
 # `make serve RAY_AUTH_MODE=disabled` turns it off (only on a machine no one else can reach).
+# That mode also buffers 1000 log records per replica before writing any: a log line reaches
+# the replica's log file (and the dashboard) when it is written, so the buffer is one record.
 RAY_AUTH_MODE ?= token
-SERVE_ENV := RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_worker_niceness=0 RAY_AUTH_MODE=$(RAY_AUTH_MODE)
+SERVE_ENV := RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1 RAY_worker_niceness=0 \
+  RAY_AUTH_MODE=$(RAY_AUTH_MODE)
 
 serve: install
 	$(SERVE_ENV) $(BIN)/serve run serve_config.yaml

@@ -28,7 +28,7 @@ def _route(scope, routes: list) -> str:
     if route is None:  # refused before routing (401, 413): matched here, as the router would
         from starlette.routing import Match
 
-        route = next((r for r in routes if r.matches(scope)[0] == Match.FULL), None)
+        route = next((r for r in routes if hasattr(r, "path") and r.matches(scope)[0] == Match.FULL), None)
     return getattr(route, "path", None) or "unmatched"
 
 

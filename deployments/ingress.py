@@ -186,12 +186,13 @@ def build_api(ingress: Ingress) -> FastAPI:
     async def cluster() -> ClusterView:
         return await asyncio.to_thread(cluster_view)
 
-    app.include_router(models_router(ingress))
+    routers = [models_router(ingress)]
     if ingress.options.playground:
-        app.include_router(playground_router())
-    for family in FAMILIES:
-        if family.router:  # a family without one is served by another family's routes
-            app.include_router(family.router_factory()(ingress))
+        routers.append(playground_router())
+    # A family without a router is served by another family's routes.
+    routers += [family.router_factory()(ingress) for family in FAMILIES if family.router]
+    for router in routers:
+        app.include_router(router)
 
     # Bodies are limited while they are read, after the key check (no reading for strangers).
     app.add_middleware(
@@ -209,5 +210,6 @@ def build_api(ingress: Ingress) -> FastAPI:
         allow_headers=["*"],
     )
     if metrics_enabled():  # outermost: every answer is counted, the other middlewares' refusals too
-        app.add_middleware(RequestMetricsMiddleware, routes=app.router.routes)
+        routes = [*app.router.routes, *(route for router in routers for route in router.routes)]
+        app.add_middleware(RequestMetricsMiddleware, routes=routes)
     return app

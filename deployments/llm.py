@@ -283,6 +283,7 @@ class LLMModel:
         ``images``: the ``LoadedImage``s of the messages' image parts, in order."""
         output = self.output
         opening = ""
+        structured = "json_schema" if params.json_schema is not None else None  # decoded under a grammar
         media: Sequence[Any] = ()
         if images and messages is None:
             raise InvalidRequestError("images come in chat messages", param="prompt")
@@ -295,8 +296,8 @@ class LLMModel:
                 kwargs["tools"] = template_tools
             ids, media = await self._off_loop(lambda: self.encode_messages(messages, images or [], **kwargs))
             grammar = output.grammar(tools, params.json_schema, self.engine.special_token)
-            if grammar is not None:
-                self._structured.inc(tags={"kind": "json_schema" if params.json_schema is not None else "tool_call"})
+            if grammar is not None and structured is None:
+                structured = "tool_call"
                 # A forced call's opening is certain: it goes into the prompt (one prefill), and
                 # the grammar reads it as already generated.
                 opening = output.forced_prefix(tools)
@@ -316,6 +317,8 @@ class LLMModel:
         await chunks.admitted()
         self._requests.inc()
         self._prompt_tokens.inc(len(ids))
+        if structured is not None:
+            self._structured.inc(tags={"kind": structured})
         if chunks.cached_tokens:
             self._cached_tokens.inc(chunks.cached_tokens)
         yield Accepted(prompt_tokens=len(ids), served_by=self.served_by, cached_tokens=chunks.cached_tokens)

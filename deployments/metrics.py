@@ -41,7 +41,7 @@ def _made(kind: type, name: str, description: str, tags: dict[str, str], extra: 
     if not enabled():
         return _Off()
     metric = kind(name, description, tag_keys=(*tags, *extra), **options)
-    metric.set_default_tags(tags)
+    metric.set_default_tags(dict(tags))  # Serve adds its own tags to the dict it is given
     return metric
 
 

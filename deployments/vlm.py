@@ -22,6 +22,7 @@ from mlx_orchard.models.registry import resolve_directory
 class VLMModel(LLMModel):
     """One loaded vision-language model."""
 
+    family = "vlm"
     engine: VLMEngine
 
     def make_engine(self, entry: VLMEntry, path: Path, **options: Any) -> VLMEngine:  # type: ignore[override]
