@@ -19,6 +19,7 @@ import os
 import statistics
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -31,8 +32,10 @@ from bench.family_server import write_report
 from bench.loadgen import run_levels
 from bench.servers import Server, free_port
 
+Edit = Callable[[dict], None]  # changes an app's args before it is served
 
-def serve_tree(tree: Path, port: int, workdir: Path, tag: str) -> tuple[Server, str]:
+
+def serve_tree(tree: Path, port: int, workdir: Path, tag: str, edit: Edit | None = None) -> tuple[Server, str]:
     """``serve run`` of the tree's own config (first LLM only), importing the tree's code."""
     config = yaml.safe_load((tree / "serve_config.yaml").read_text())
     config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": port}
@@ -41,6 +44,8 @@ def serve_tree(tree: Path, port: int, workdir: Path, tag: str) -> tuple[Server, 
         for key, value in list(args.items()):
             if isinstance(value, list) and value and isinstance(value[0], dict) and "source" in value[0]:
                 args[key] = value[:1] if key == "llm" else []
+        if edit is not None:
+            edit(args)
     model = config["applications"][0]["args"]["llm"][0]["name"]
     path = workdir / f"serve_config-{tag}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -51,9 +56,9 @@ def serve_tree(tree: Path, port: int, workdir: Path, tag: str) -> tuple[Server, 
     return Server(f"orchard-{tag}", cmd, env=env, cwd=tree, log_path=RESULTS / "logs" / f"ab-{tag}.log"), model
 
 
-def one_round(tree: Path, tag: str, levels: list[int], max_tokens: int, workdir: Path) -> dict:
+def one_round(tree: Path, tag: str, levels: list[int], max_tokens: int, workdir: Path, edit: Edit | None = None) -> dict:
     port = free_port()
-    server, model = serve_tree(tree, port, workdir, tag)
+    server, model = serve_tree(tree, port, workdir, tag, edit)
     base = f"http://127.0.0.1:{port}/v1"
     with server:
         log(f"{tag}: ready in {server.wait_ready(base, model):.0f}s")
@@ -81,11 +86,13 @@ METRICS = (
 )
 
 
-def report(rounds: dict[str, list[dict]], levels: list[int], base_rev: str) -> tuple[str, dict]:
+def report(rounds: dict[str, list[dict]], levels: list[int], base_rev: str, title: str = "Orchard A/B",
+           sides: str | None = None) -> tuple[str, dict]:
+    sides = sides or f"A = {base_rev}, B = working tree at {_git_commit()}"
     lines = [
-        f"# Orchard A/B — {datetime.now():%Y-%m-%d %H:%M}",
+        f"# {title} — {datetime.now():%Y-%m-%d %H:%M}",
         "",
-        f"A = {base_rev}, B = working tree at {_git_commit()}; {len(rounds['A'])} alternating rounds, medians.",
+        f"{sides}; {len(rounds['A'])} alternating rounds, medians.",
         f"Load average at the end: {os.getloadavg()[0]:.2f}.",
         "",
         "| level | metric | A | B | B/A |",
