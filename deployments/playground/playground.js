@@ -207,14 +207,16 @@ function setUpTabs() {
 
 let models = [];
 
-function fillPickers() {
+/** Every panel's model picker: the listed models of its families, or ``unlisted`` (disabled). */
+function fillPickers(unlisted = null) {
   for (const select of $$("select[data-families]")) {
     const families = select.dataset.families.split(" ");
     const previous = select.value;
-    const fitting = models.filter((m) => families.includes(m.family));
+    const fitting = unlisted ? [] : models.filter((m) => families.includes(m.family));
     select.replaceChildren(...fitting.map((m) => el("option", { value: m.id, text: `${m.id} (${m.family})` })));
     if (!fitting.length) {
-      select.append(el("option", { value: "", text: `No ${families.join(" or ")} model on this server` }));
+      const text = unlisted || `No ${families.join(" or ")} model on this server`;
+      select.append(el("option", { value: "", text }));
     }
     select.disabled = !fitting.length;
     if (fitting.some((m) => m.id === previous)) select.value = previous;
@@ -251,7 +253,10 @@ async function loadModels() {
     say(`${models.length} model${models.length === 1 ? "" : "s"} on this server.`);
     return true;
   });
-  if (!listed) say(`Could not list the models: ${$(".error", panel).textContent}`);
+  if (!listed) {
+    fillPickers("Models not listed (see the Models tab)");
+    say(`Could not list the models: ${$(".error", panel).textContent}`);
+  }
   document.body.dataset.models = listed ? "listed" : "failed";
 }
 
@@ -607,6 +612,7 @@ function setUpImages() {
         );
       });
       $("#gallery").prepend(...items);
+      items[0].scrollIntoView({ block: "nearest" });
       say(`${items.length} image${items.length === 1 ? "" : "s"} generated.`);
     });
   });
@@ -659,7 +665,7 @@ function resourceText(resources) {
   return parts.join(" · ");
 }
 
-function nodeCard(node, loaded) {
+function nodeCard(node, loaded, replicasKnown) {
   const title = `${node.address || node.node_id.slice(0, 12)}${node.is_head ? " (head)" : ""}`;
   const replicas = node.replicas.length
     ? el(
@@ -675,7 +681,9 @@ function nodeCard(node, loaded) {
           ),
         ),
       )
-    : el("p", { class: "hint", text: "No replicas known here." });
+    : replicasKnown
+      ? el("p", { class: "hint", text: "No replicas here." })
+      : null;
   const labels = Object.entries(node.labels || {}).filter(([k]) => !k.startsWith("ray.io/"));
   return el(
     "article",
@@ -693,14 +701,26 @@ function nodeCard(node, loaded) {
 async function loadCluster() {
   await attempt($("#panel-cluster"), $("#cluster-refresh"), async () => {
     const [cluster, list] = await Promise.all([apiJSON("/v1/cluster"), apiJSON("/v1/models")]);
+    // node -> deployment -> the model ids (and aliases) loaded there
     const loadedOn = {};
     for (const m of list.data) {
-      for (const r of m.loaded_on || []) (loadedOn[r.node_id] ||= []).push(`${m.id} (${m.family}) on ${r.deployment}`);
+      for (const r of m.loaded_on || []) {
+        const byDeployment = (loadedOn[r.node_id] ||= {});
+        (byDeployment[r.deployment] ||= []).push(m.id);
+      }
     }
     $("#cluster-note").textContent =
       `${cluster.nodes.length} node${cluster.nodes.length === 1 ? "" : "s"}.` +
       (cluster.replicas_known ? "" : " Replica placement needs the Ray dashboard (state API), which is not running.");
-    $("#cluster-nodes").replaceChildren(...cluster.nodes.map((n) => nodeCard(n, loadedOn[n.node_id] || [])));
+    $("#cluster-nodes").replaceChildren(
+      ...cluster.nodes.map((n) =>
+        nodeCard(
+          n,
+          Object.entries(loadedOn[n.node_id] || {}).sort().map(([deployment, ids]) => `${deployment}: ${ids.join(", ")}`),
+          cluster.replicas_known,
+        ),
+      ),
+    );
   });
 }
 
@@ -728,6 +748,7 @@ function setUpKey() {
 }
 
 function start() {
+  fillPickers("Loading models…");
   setUpKey();
   setUpChat();
   setUpTranscribe();

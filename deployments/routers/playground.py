@@ -29,11 +29,11 @@ _ROOT_MARK, _VERSION_MARK = "__ORCHARD_ROOT__", "__ORCHARD_VERSION__"
 _PAGE_CACHE = "no-cache"
 _ASSET_CACHE = "public, max-age=86400"
 # A page that runs the API with the user's key: no framing by other sites, no inline script,
-# no third-party loads; fetch may reach only this origin (and data:/blob: for media it makes).
+# no third-party loads; fetch may reach only this origin and the media the page made (blob:).
 _SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob: data:; "
-        "connect-src 'self'; style-src 'self'; script-src 'self'; frame-ancestors 'none'; base-uri 'none'"
+        "connect-src 'self' blob:; style-src 'self'; script-src 'self'; frame-ancestors 'none'; base-uri 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
