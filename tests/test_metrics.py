@@ -369,3 +369,24 @@ def test_metrics_off_records_nothing_and_reaches_every_replica(monkeypatch):
     assert all(env.get("ORCHARD_METRICS") == "0" for env in envs(off_app).values())
     assert set(envs(off_app)) >= {"ingress", "models", "llm", "embeddings", "tts", "whisper"}
     assert not any("ORCHARD_METRICS" in env for env in envs(on).values())
+
+
+# ---- the Grafana dashboard ----
+
+
+def test_the_grafana_dashboard_is_current_and_charts_every_orchard_metric():
+    import json
+    import re
+    import runpy
+
+    root = Path(__file__).resolve().parent.parent
+    made = runpy.run_path(str(root / "docs" / "make_grafana.py"))
+    committed = (root / "docs" / "grafana-orchard.json").read_text()
+    assert committed == made["render"](), "docs/grafana-orchard.json is stale: run python docs/make_grafana.py"
+    panels = [p for p in json.loads(committed)["panels"] if p["type"] == "timeseries"]
+    charted = {re.sub(r"_(bucket|sum|count|total)$", "", name)
+               for p in panels for t in p["targets"] for name in re.findall(r"ray_orchard_(\w+)", t["expr"])}
+    source = "\n".join(f.read_text() for f in (root / "deployments").rglob("*.py"))
+    recorded = set(re.findall(r'(?:counter|gauge|histogram)\(\s*"orchard_(\w+)"', source))
+    assert len(recorded) >= 30, recorded
+    assert charted == recorded, f"not charted: {recorded - charted}; not recorded: {charted - recorded}"
