@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import SESSION_DIR, default_args
 from tests.hub_server import hub_server
+from tests.prometheus import L, moved, scrape, total, wait_for
 from tests.tiny_models import greedy_reference, link_copy, write_tiny_llama
 
 APP = "models"
@@ -209,6 +210,10 @@ def test_download_from_the_hub_then_serve_it(app, sdk, model_dirs):
     assert card["family"] == "llm" and card["source"] == "hf-cache" and card["revision"]
     assert card["size_bytes"] > 0
     assert _chat(sdk, "hub/tiny-hub") == greedy_reference(model_dirs["hub/tiny-hub"], HELLO, 8)
+    # The download's progress reached the metrics: every byte of it, and that it finished.
+    samples = wait_for(lambda s: [] if total(s, "ray_orchard_downloads_total", status="done") >= 1 else ["no done download"])
+    fetched = total(samples, "ray_orchard_download_bytes", repo_id="hub/tiny-hub")
+    assert fetched > 0 and fetched == total(samples, "ray_orchard_download_total_bytes", repo_id="hub/tiny-hub")
 
 
 def test_on_demand_downloads_and_loads_on_first_use(sdk, model_dirs):
@@ -220,6 +225,7 @@ def test_a_download_that_fails_shows_failed_and_leaves_nothing_ready(app, sdk):
     assert r.status_code == 202
     card = _until(lambda: (c := _card(app, "hub/missing"))["status"] == "failed" and c, timeout=60, what="failure")
     assert "not found" in card["reason"]
+    wait_for(lambda s: [] if total(s, "ray_orchard_downloads_total", status="failed") >= 1 else ["no failed download"])
     with pytest.raises(openai.NotFoundError):
         _chat(sdk, "hub/missing")
     for bad in ({"repo_id": "../etc"}, {"repo_id": "/abs/path"}, {"repo_id": "a/b/c"}, {"repo_id": "a/b", "revision": "../x"}):
@@ -232,6 +238,7 @@ def test_an_unloaded_model_finishes_its_requests_first(app, sdk, model_dirs, han
     # request reaches tiny-b meanwhile), then the model goes.
     stream = sdk.chat.completions.create(model="tiny-b", messages=HELLO, max_tokens=1500, temperature=0, stream=True)
     text = [next(stream).choices[0].delta.content or ""]
+    before = scrape()
 
     def unload() -> tuple[dict, float]:
         r = httpx.post(f"{app}/v1/models/tiny-b/unload", timeout=300)
@@ -248,3 +255,4 @@ def test_an_unloaded_model_finishes_its_requests_first(app, sdk, model_dirs, han
     assert card["status"] == "available" and not card["loaded_on"]
     assert unloaded_at >= streamed_until
     assert "tiny-b" not in _loaded(handle_loop)
+    wait_for(moved(before, {L("model_evictions_total", family="llm", model="tiny-b", reason="asked"): 1}))
