@@ -159,9 +159,16 @@ class Page:
             time.sleep(0.05)
 
     def screenshot(self, name: str) -> Path:
+        """The whole page (the window grown to its height for the shot) as ``<name>.png``."""
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         path = ARTIFACTS / f"{name}.png"
-        self.driver.save_screenshot(str(path))
+        size = self.driver.get_window_size()
+        height = self.js("return document.documentElement.scrollHeight")
+        self.driver.set_window_size(size["width"], max(size["height"], height + 150))
+        try:
+            self.driver.save_screenshot(str(path))
+        finally:
+            self.driver.set_window_size(size["width"], size["height"])
         if name in TABS:
             self.shots.add(name)
         return path

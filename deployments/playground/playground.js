@@ -564,7 +564,7 @@ function setUpSpeak() {
       const link = $("#speak-download");
       link.href = url;
       link.hidden = false;
-      say("Speech ready: press play.");
+      say("Speech ready.");
       audio.play().catch(() => {}); // autoplay may be refused; the player stays
     });
   });
