@@ -44,6 +44,7 @@ class ModelManagerDeployment:
     async def _sample_downloads(self, interval_s: float) -> None:
         """Download progress as gauges, every report interval."""
         while True:
+            await asyncio.sleep(interval_s)
             for state in self.manager.downloads.all():
                 tags = {"repo_id": state.repo_id}
                 self._downloaded.set(state.bytes_done, tags=tags)
@@ -52,7 +53,6 @@ class ModelManagerDeployment:
                 if state.status != "downloading" and id(state) not in self._counted:
                     self._counted.add(id(state))
                     self._downloads.inc(tags={"status": state.status})
-            await asyncio.sleep(interval_s)
 
     async def resolve(self, model: str, timeout_s: float = 600.0) -> Route:
         return await self.manager.resolve(model, timeout_s)

@@ -240,7 +240,10 @@ class MultiplexedFamily:
             try:
                 for slot in self.pool.idle():
                     asyncio.get_running_loop().create_task(self._evict(slot, reason="idle"))
-                self.sample_metrics()
+                try:
+                    self.sample_metrics()
+                except Exception as e:  # noqa: BLE001 - a gauge never stops the reports
+                    logger.warning("could not sample metrics: %s", e)
                 if self.manager is not None:
                     to_unload = await self.manager.report.remote(self.loaded())
                     for name in to_unload:
