@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 
+from starlette.routing import Match
+
 from deployments.metrics import counter
 
 # The request's labels: the middleware puts a fresh dict here; ``note_model`` (called by the
@@ -26,8 +28,6 @@ def _route(scope, routes: list) -> str:
     """The route's template (/v1/models/{model_id}), never the raw path; unmatched paths share one."""
     route = scope.get("route")  # set by the router once it matched
     if route is None:  # refused before routing (401, 413): matched here, as the router would
-        from starlette.routing import Match
-
         route = next((r for r in routes if hasattr(r, "path") and r.matches(scope)[0] == Match.FULL), None)
     return getattr(route, "path", None) or "unmatched"
 

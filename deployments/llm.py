@@ -227,12 +227,19 @@ class LLMModel:
         self._steps_reported = self.engine.step_sizes()
 
     def sample_metrics(self) -> None:
-        """The engine's gauges now, and the batch sizes of the steps it ran since the last call."""
+        """The engine's gauges now, and what it counted since the last call: the batch sizes of
+        its steps and the speculative tokens it drafted and accepted."""
         stats = self.engine.stats()
         self._running.set(stats.running)
         self._waiting.set(stats.waiting)
         self._kv_used.set(stats.kv_used_bytes)
         self._prefix_bytes.set(stats.prefix_cache_bytes)
+        drafted, accepted = self._spec_reported
+        if stats.draft_tokens > drafted:
+            self._drafted.inc(stats.draft_tokens - drafted)
+        if stats.accepted_tokens > accepted:
+            self._accepted.inc(stats.accepted_tokens - accepted)
+        self._spec_reported = (stats.draft_tokens, stats.accepted_tokens)
         sizes = self.engine.step_sizes()
         for size, (now, before) in enumerate(zip(sizes, self._steps_reported)):
             for _ in range(now - before):
@@ -309,7 +316,7 @@ class LLMModel:
         else:
             ids = list(prompt or [])
         arrived = time.time() if arrived_at is None else arrived_at  # epoch seconds: the ingress may be on another node
-        waited = time.time() - arrived if arrived_at is not None else 0.0
+        waited = time.time() - arrived
         chunks = self.engine.generate(ids, params.with_defaults(**self.sampling), n=n, waited_s=waited, priority=priority,
                                       media=media)
         # Accepted once the sequences are in the batch: a request shed from the queue still
@@ -371,16 +378,6 @@ class LLMModel:
                 for gap, tokens in gaps:
                     for _ in range(tokens):
                         self._itl.observe(gap / tokens)
-                self._report_speculation()
-
-    def _report_speculation(self) -> None:
-        stats = self.engine.stats()
-        drafted, accepted = self._spec_reported
-        if stats.draft_tokens > drafted:
-            self._drafted.inc(stats.draft_tokens - drafted)
-            if stats.accepted_tokens > accepted:
-                self._accepted.inc(stats.accepted_tokens - accepted)
-            self._spec_reported = (stats.draft_tokens, stats.accepted_tokens)
 
     def _off_loop(self, fn, *args):
         return asyncio.get_running_loop().run_in_executor(self._text, fn, *args)
